@@ -1,0 +1,526 @@
+"""The arithmetic of batch normalization: moments, normalization and the moving average.
+
+Every other part of bnjax calls these functions; nothing else computes batch statistics.
+
+Conventions (Keras and Flax): the variance is the biased batch variance, epsilon is added to
+it inside the square root, and the moving statistics follow
+``moving = momentum * moving + (1 - momentum) * batch``.
+
+Shapes: ``x`` has any rank; ``axis`` names the feature axes (an int or a tuple of ints,
+negatives allowed) and every other axis is reduced. Per-feature arrays (statistics, scale,
+bias) have the *feature shape* ``tuple(x.shape[a] for a in axis)``, ``(C,)`` for the usual
+channels-last case.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+Axis = int | Sequence[int]
+
+__all__ = [
+    "Moments",
+    "batch_norm",
+    "canonicalize_axes",
+    "moments",
+    "normalize",
+    "update_moving_stats",
+]
+
+
+class Moments(tuple):
+    """``(mean, var, count)`` of a batch, per feature; ``count`` is the number of values used."""
+
+    __slots__ = ()
+
+    def __new__(cls, mean: Array, var: Array, count: Array) -> Moments:
+        return super().__new__(cls, (mean, var, count))
+
+    mean = property(lambda self: self[0])
+    var = property(lambda self: self[1])
+    count = property(lambda self: self[2])
+
+
+jax.tree_util.register_pytree_node(
+    Moments, lambda m: (tuple(m), None), lambda _, children: Moments(*children)
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers (each error names the argument, the value and what is accepted).
+
+
+def canonicalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+    """Returns the feature axes as sorted non-negative ints, or raises a clear error.
+
+    Args:
+      axis: an int or a sequence of ints; negative values count from the end.
+      ndim: rank of the input.
+
+    Returns:
+      The sorted tuple of feature axes.
+
+    Example:
+      >>> canonicalize_axes(-1, 4)
+      (3,)
+      >>> canonicalize_axes((1, -1), 4)
+      (1, 3)
+    """
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    if not axes:
+        raise ValueError(f"axis={axis!r} is empty; pass at least one feature axis.")
+    out = []
+    for a in axes:
+        if not isinstance(a, int | np.integer) or isinstance(a, bool):
+            raise TypeError(f"axis={axis!r} holds {a!r}; each feature axis must be an int.")
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"axis={axis!r} is out of range for an input of rank {ndim}; "
+                f"accepted values are in [{-ndim}, {ndim - 1}]."
+            )
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(
+            f"axis={axis!r} names the same axis more than once (as {tuple(out)}) for an input "
+            f"of rank {ndim}; each feature axis may appear once."
+        )
+    return tuple(sorted(out))
+
+
+def _check_input(x: Array) -> None:
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"x has dtype {dtype}; batch normalization needs a floating-point input "
+            "(float16, bfloat16, float32 or float64). Cast it first, e.g. x.astype(jnp.float32)."
+        )
+
+
+def _check_hparams(momentum: Any, epsilon: Any) -> None:
+    if not isinstance(momentum, jax.Array) and not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"momentum={momentum!r} is outside [0, 1]; it is the weight on the old moving value "
+            "(Keras convention, default 0.99). A PyTorch momentum m converts to 1 - m."
+        )
+    if not isinstance(epsilon, jax.Array) and not float(epsilon) > 0.0:
+        raise ValueError(
+            f"epsilon={epsilon!r} must be > 0; it is added to the variance inside the square "
+            "root (Keras default 1e-3)."
+        )
+
+
+def _stat_dtype(dtype: Any) -> Any:
+    """Statistics are computed in float32, or float64 when the input is float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _feature_shape(x: Array, axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x.shape[a] for a in axes)
+
+
+def _to_input_shape(v: Array, ndim: int, axes: tuple[int, ...]) -> Array:
+    """Reshapes a per-feature array so it broadcasts against the input."""
+    shape = [1] * ndim
+    for a, n in zip(axes, v.shape, strict=True):
+        shape[a] = n
+    return v.reshape(shape)
+
+
+def _mask_to_input_rank(mask: Array, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> Array:
+    """Validates a mask and returns it with the input's rank (size 1 on feature axes)."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask has dtype {mask.dtype}; it must be boolean (True = use the value).")
+    reduced_shape = tuple(n for i, n in enumerate(x_shape) if i not in axes)
+    if mask.shape == tuple(x_shape):
+        return mask
+    if mask.shape == reduced_shape:
+        return jnp.expand_dims(mask, axes)
+    raise ValueError(
+        f"mask has shape {mask.shape}; for an input of shape {tuple(x_shape)} with feature "
+        f"axes {axes} it must have shape {reduced_shape} (the input without its feature axes) "
+        f"or {tuple(x_shape)} (the input's shape)."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Moments.
+
+
+def _local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
+    """Per-device shifted sums, stacked as ``[count, shift, sum(x - shift), sum((x - shift)^2)]``.
+
+    The shift is one value of the batch per feature (the first valid one), so the sums stay
+    small even when ``|mean| / std`` is large and ``E[x^2] - E[x]^2`` would lose every digit.
+    All three sums come out of one fused reduction.
+    """
+    dt = _stat_dtype(x.dtype)
+    red = tuple(i for i in range(x.ndim) if i not in axes)
+    if mask is None:
+        first = tuple(0 if i in red else slice(None) for i in range(x.ndim))
+        shift = x[first].astype(dt)
+        count = jnp.full(shift.shape, np.prod([x.shape[i] for i in red]), dt)
+    else:
+        # Shift by the first valid position (over all features when the mask is per value).
+        pos = jnp.any(mask, axis=axes, keepdims=True) if mask.shape == x.shape else mask
+        idx = jnp.unravel_index(jnp.argmax(pos.reshape(-1)), pos.shape)
+        starts = [idx[i] if i in red else 0 for i in range(x.ndim)]
+        sizes = [1 if i in red else x.shape[i] for i in range(x.ndim)]
+        shift = lax.dynamic_slice(x, starts, sizes).reshape(_feature_shape(x, axes)).astype(dt)
+        count = jnp.sum(mask, axis=red, dtype=dt)
+        count = jnp.broadcast_to(count.reshape([mask.shape[a] for a in axes]), shift.shape)
+    shift = lax.stop_gradient(shift)
+    d = x.astype(dt) - _to_input_shape(shift, x.ndim, axes)
+    if mask is not None:
+        d = jnp.where(mask, d, 0)
+    s1 = jnp.sum(d, axis=red)
+    s2 = jnp.sum(d * d, axis=red)
+    return jnp.stack([count, shift, s1, s2])
+
+
+def _combine_sums(sums: Array) -> Moments:
+    """Exact mean and biased variance from stacked per-part sums of shape ``(P, 4, *F)``.
+
+    Uses the parallel-variance formula (Chan et al.): each part's mean and sum of squared
+    deviations, then the spread of the part means around the global mean. Parts with no
+    values contribute nothing; with no values at all the mean and variance are 0 and count 0.
+    """
+    n, shift, s1, s2 = sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3]
+    has = n > 0
+    safe_n = jnp.where(has, n, 1)
+    part_mean = shift + s1 / safe_n
+    part_m2 = jnp.maximum(s2 - s1 * s1 / safe_n, 0)
+    total = jnp.sum(n, axis=0)
+    safe_total = jnp.where(total > 0, total, 1)
+    mean = jnp.sum(jnp.where(has, n * part_mean, 0), axis=0) / safe_total
+    spread = jnp.where(has, n * jnp.square(part_mean - mean), 0)
+    var = (jnp.sum(jnp.where(has, part_m2, 0), axis=0) + jnp.sum(spread, axis=0)) / safe_total
+    return Moments(mean, jnp.maximum(var, 0), total)
+
+
+def _gather_sums(
+    local: Array, axis_name: str | Sequence[str] | None, axis_index_groups: Any
+) -> Array:
+    """One collective: every device receives every device's sums (or its group's)."""
+    if axis_name is None:
+        return local[None]
+    return lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups, tiled=False)
+
+
+def moments(
+    x: Array,
+    axis: Axis = -1,
+    *,
+    mask: Array | None = None,
+    axis_name: str | Sequence[str] | None = None,
+    axis_index_groups: Any = None,
+) -> Moments:
+    """Mean and biased variance of ``x`` over every axis but ``axis``.
+
+    Accurate where ``E[x^2] - E[x]^2`` breaks down (large ``|mean| / std``): each device sums
+    deviations from one of its own values, and the parts are combined with the exact parallel
+    variance formula. With ``axis_name`` the statistics are those of the global batch across
+    that named axis (``pmap``, ``shard_map``, ``vmap``), computed with a single collective.
+
+    Args:
+      x: input, any float dtype; ``(..., C)`` for the default ``axis=-1``.
+      axis: feature axis or axes; all other axes are reduced.
+      mask: optional boolean, shaped like ``x`` without its feature axes (or like ``x``);
+        False entries take no part in the statistics.
+      axis_name: named mapped axis (or axes) to reduce over as well.
+      axis_index_groups: optional partition of that axis into groups reduced separately.
+
+    Returns:
+      ``Moments(mean, var, count)``, each of the feature shape, in float32 (float64 for
+      float64 input).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = moments(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
+      >>> m.mean.tolist(), m.var.tolist()
+      ([2.0, 20.0], [1.0, 100.0])
+    """
+    _check_input(x)
+    axes = canonicalize_axes(axis, x.ndim)
+    m = None if mask is None else _mask_to_input_rank(mask, x.shape, axes)
+    local = _local_sums(x, axes, m)
+    gathered = _gather_sums(local, axis_name, axis_index_groups)
+    parts = gathered.reshape((-1,) + local.shape)
+    return _combine_sums(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalization and the moving average.
+
+
+def normalize(
+    x: Array,
+    mean: Array,
+    var: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    axis: Axis = -1,
+    epsilon: float = 1e-3,
+    dtype: Any = None,
+) -> Array:
+    """``scale * (x - mean) / sqrt(var + epsilon) + bias``, per feature.
+
+    Args:
+      x: input ``(..., C)`` (or with the feature axes ``axis``).
+      mean: per-feature mean, of the feature shape.
+      var: per-feature variance, of the feature shape.
+      scale: optional per-feature gamma.
+      bias: optional per-feature beta.
+      axis: feature axis or axes of ``x``.
+      epsilon: added to the variance inside the square root.
+      dtype: output dtype; defaults to ``x.dtype``.
+
+    Returns:
+      The normalized array, shaped like ``x``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> y = normalize(jnp.array([[0.0], [2.0]]), jnp.array([1.0]), jnp.array([1.0]),
+      ...               epsilon=1e-12)
+      >>> y.ravel().tolist()
+      [-1.0, 1.0]
+    """
+    _check_input(x)
+    axes = canonicalize_axes(axis, x.ndim)
+    dt = _stat_dtype(x.dtype)
+    out_dtype = x.dtype if dtype is None else dtype
+    mul = lax.rsqrt(var.astype(dt) + epsilon)
+    if scale is not None:
+        mul = mul * scale.astype(dt)
+    y = (x.astype(dt) - _to_input_shape(mean.astype(dt), x.ndim, axes)) * _to_input_shape(
+        mul, x.ndim, axes
+    )
+    if bias is not None:
+        y = y + _to_input_shape(bias.astype(dt), x.ndim, axes)
+    return y.astype(out_dtype)
+
+
+def update_moving_stats(
+    stats: Mapping[str, Array],
+    batch: Moments,
+    momentum: float | Array = 0.99,
+    *,
+    guard: bool = True,
+) -> dict[str, Array]:
+    """Keras/Flax moving average: ``momentum * moving + (1 - momentum) * batch``.
+
+    Args:
+      stats: ``{"mean": (C,), "var": (C,)}`` moving statistics.
+      batch: the batch's ``Moments`` (biased variance).
+      momentum: weight on the old moving value, in [0, 1].
+      guard: when True, a feature whose batch statistics are not finite, or that had no
+        values at all (everything masked), keeps its moving statistics unchanged.
+
+    Returns:
+      The new ``{"mean", "var"}`` in the dtype of ``stats``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> new = update_moving_stats({"mean": jnp.zeros(1), "var": jnp.ones(1)},
+      ...                           Moments(jnp.ones(1), jnp.ones(1) * 3, jnp.ones(1) * 4),
+      ...                           momentum=0.5)
+      >>> new["mean"].tolist(), new["var"].tolist()
+      ([0.5], [2.0])
+    """
+    out = {}
+    ok = (batch.count > 0) & jnp.isfinite(batch.mean) & jnp.isfinite(batch.var)
+    for key, value in (("mean", batch.mean), ("var", batch.var)):
+        old = stats[key]
+        new = momentum * old + (1 - momentum) * value.astype(old.dtype)
+        out[key] = jnp.where(ok, new, old).astype(old.dtype) if guard else new.astype(old.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training-mode forward with a hand-written backward pass.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _train_forward(x, scale, bias, mask, axes, epsilon, axis_name, groups, out_dtype):
+    out, _ = _train_forward_fwd(x, scale, bias, mask, axes, epsilon, axis_name, groups, out_dtype)
+    return out
+
+
+def _train_forward_fwd(x, scale, bias, mask, axes, epsilon, axis_name, groups, out_dtype):
+    local = _local_sums(x, axes, mask)
+    parts = _gather_sums(local, axis_name, groups).reshape((-1,) + local.shape)
+    stats = _combine_sums(parts)
+    y = normalize(x, stats.mean, stats.var, scale, bias, axis=axes, epsilon=epsilon,
+                  dtype=out_dtype)
+    return (y, stats), (x, scale, bias, mask, stats)
+
+
+def _train_forward_bwd(axes, epsilon, axis_name, groups, out_dtype, res, cts):
+    """Backward pass of training-mode BN from ``x``, the batch mean and 1/std.
+
+    With ``xhat = (x - mean) * r``, ``r = 1/sqrt(var + eps)`` and ``g`` the scale,
+    ``dx = g r (dy - m (sum(dy) + xhat * sum(dy * xhat)) / n)`` plus the terms from cotangents
+    of the returned statistics; sums run over the whole (global) batch, all in one reduction.
+    """
+    x, scale, bias, mask, stats = res
+    dy, dstats = cts
+    dt = _stat_dtype(x.dtype)
+    red = tuple(i for i in range(x.ndim) if i not in axes)
+    bshape = functools.partial(_to_input_shape, ndim=x.ndim, axes=axes)
+    r = lax.rsqrt(stats.var + epsilon)
+    g = jnp.ones_like(r) if scale is None else scale.astype(dt)
+    xc = x.astype(dt) - bshape(stats.mean)
+    dy = dy.astype(dt)
+    sum_dy = jnp.sum(dy, axis=red)
+    sum_dy_xc = jnp.sum(dy * xc, axis=red)
+    local = jnp.stack([sum_dy, sum_dy_xc])
+    dmean = dstats.mean.astype(dt)
+    dvar = dstats.var.astype(dt)
+    if axis_name is not None:
+        both = lax.psum(jnp.concatenate([local, dmean[None], dvar[None]]), axis_name,
+                        axis_index_groups=groups)
+        glob, dmean, dvar = both[:2], both[2], both[3]
+    else:
+        glob = local
+    n = jnp.maximum(stats.count, 1)
+    # d loss / d mean and d loss / d var of the batch statistics, per feature.
+    c_mean = (-g * r * glob[0] + dmean) / n
+    c_var = (-0.5 * g * r**3 * glob[1] + dvar) * 2 / n
+    dx = bshape(g * r) * dy + bshape(c_mean) + bshape(c_var) * xc
+    if mask is not None:
+        # Masked-out values take no part in the statistics: only their direct path remains.
+        dx = jnp.where(mask, dx, bshape(g * r) * dy)
+    dscale = None if scale is None else (sum_dy_xc * r).astype(scale.dtype)
+    dbias = None if bias is None else sum_dy.astype(bias.dtype)
+    dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+    return dx.astype(x.dtype), dscale, dbias, dmask
+
+
+_train_forward.defvjp(_train_forward_fwd, _train_forward_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point.
+
+
+def _check_per_feature(name: str, value: Array | None, feature_shape: tuple[int, ...],
+                       axes: tuple[int, ...]) -> None:
+    if value is not None and tuple(jnp.shape(value)) != feature_shape:
+        raise ValueError(
+            f"{name} has shape {tuple(jnp.shape(value))} but the input has feature shape "
+            f"{feature_shape} on axis {axes}; the statistics and parameters must match the "
+            "input's feature axes (was the layer built for another number of channels?)."
+        )
+
+
+def batch_norm(
+    x: Array,
+    stats: Mapping[str, Array],
+    params: Mapping[str, Array] | None = None,
+    *,
+    training: bool,
+    axis: Axis = -1,
+    momentum: float | Array = 0.99,
+    epsilon: float = 1e-3,
+    axis_name: str | Sequence[str] | None = None,
+    axis_index_groups: Any = None,
+    mask: Array | None = None,
+    dtype: Any = None,
+    guard_non_finite: bool = True,
+) -> tuple[Array, Mapping[str, Array]]:
+    """Batch normalization with Keras semantics, as a pure function.
+
+    Training (``training=True``): normalizes with the batch mean and biased batch variance,
+    ``y = scale * (x - mean_B) / sqrt(var_B + epsilon) + bias``, and returns the moving
+    statistics updated as ``momentum * moving + (1 - momentum) * batch``. Inference
+    (``training=False``): normalizes with the moving statistics and returns ``stats`` itself.
+
+    Args:
+      x: input ``(..., C)``; any float dtype (statistics are computed in float32 or wider).
+      stats: moving statistics ``{"mean": (C,), "var": (C,)}`` (feature shape for tuple axes).
+      params: optional ``{"scale": (C,), "bias": (C,)}``; either key may be absent.
+      training: use (and update) batch statistics, or use the moving ones.
+      axis: feature axis or axes (int or tuple, negatives allowed); all others are reduced.
+      momentum: weight on the old moving value, in [0, 1].
+      epsilon: added to the variance inside the square root, > 0.
+      axis_name: named mapped axis to compute global batch statistics over.
+      axis_index_groups: groups of that axis reduced separately (see ``jax.lax.psum``).
+      mask: optional boolean shaped like ``x`` without its feature axes (or like ``x``);
+        masked-out values take no part in the statistics (they are still normalized).
+      dtype: output dtype; defaults to ``x.dtype``.
+      guard_non_finite: keep a feature's moving statistics unchanged when its batch
+        statistics are not finite or it had no values (training mode only).
+
+    Returns:
+      ``(y, new_stats)``: ``y`` shaped like ``x``; ``new_stats`` is ``stats`` itself in
+      inference mode.
+
+    Raises:
+      TypeError: ``x`` is not floating point, or ``mask`` is not boolean.
+      ValueError: bad ``axis``, ``momentum``, ``epsilon``, ``mask`` shape, statistics or
+        parameters of another feature shape, or training with a single value per feature.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
+      >>> stats = {"mean": jnp.zeros(2), "var": jnp.ones(2)}
+      >>> y, new = batch_norm(x, stats, training=True, epsilon=1e-6)
+      >>> y.round(3).tolist()
+      [[-1.0, -1.0], [1.0, 1.0]]
+      >>> new["mean"].round(4).tolist()
+      [0.02, 0.04]
+    """
+    _check_input(x)
+    _check_hparams(momentum, epsilon)
+    if not isinstance(training, bool | np.bool_):
+        raise TypeError(
+            f"training={training!r} must be a Python bool (True: batch statistics, "
+            "False: moving statistics); it selects the computation, so it cannot be traced."
+        )
+    axes = canonicalize_axes(axis, x.ndim)
+    feature_shape = _feature_shape(x, axes)
+    for key in ("mean", "var"):
+        if key not in stats:
+            raise ValueError(f"stats has keys {sorted(stats)}; it needs 'mean' and 'var'.")
+        _check_per_feature(f"stats['{key}']", stats[key], feature_shape, axes)
+    params = {} if params is None else params
+    unknown = set(params) - {"scale", "bias"}
+    if unknown:
+        raise ValueError(f"params has unknown keys {sorted(unknown)}; accepted: 'scale', 'bias'.")
+    scale, bias = params.get("scale"), params.get("bias")
+    _check_per_feature("params['scale']", scale, feature_shape, axes)
+    _check_per_feature("params['bias']", bias, feature_shape, axes)
+    m = None if mask is None else _mask_to_input_rank(mask, x.shape, axes)
+
+    if not training:
+        y = normalize(x, stats["mean"], stats["var"], scale, bias, axis=axes, epsilon=epsilon,
+                      dtype=dtype)
+        return y, stats
+
+    reduced = int(np.prod([x.shape[i] for i in range(x.ndim) if i not in axes]))
+    if reduced == 1 and axis_name is None:
+        raise ValueError(
+            f"training=True with input shape {tuple(x.shape)} and feature axis {axes} leaves a "
+            "single value per feature channel: its batch variance is 0 and the output would be "
+            "the bias alone. Use training=False (moving statistics) or a larger batch."
+        )
+    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+    y, batch = _train_forward(x, scale, bias, m, axes, float(epsilon), axis_name,
+                              _freeze_groups(axis_index_groups), out_dtype)
+    return y, update_moving_stats(stats, batch, momentum, guard=guard_non_finite)
+
+
+def _freeze_groups(groups: Any) -> Any:
+    """Makes ``axis_index_groups`` hashable for use as a static argument."""
+    if groups is None:
+        return None
+    return tuple(tuple(int(i) for i in g) for g in groups)

@@ -1,0 +1,8 @@
+"""Test set-up: 8 CPU devices for the synchronized-statistics tests (before JAX starts)."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
