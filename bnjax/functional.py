@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,22 +36,12 @@ __all__ = [
 ]
 
 
-class Moments(tuple):
-    """``(mean, var, count)`` of a batch, per feature; ``count`` is the number of values used."""
+class Moments(NamedTuple):
+    """Batch statistics per feature: mean, biased variance, and the number of values used."""
 
-    __slots__ = ()
-
-    def __new__(cls, mean: Array, var: Array, count: Array) -> Moments:
-        return super().__new__(cls, (mean, var, count))
-
-    mean = property(lambda self: self[0])
-    var = property(lambda self: self[1])
-    count = property(lambda self: self[2])
-
-
-jax.tree_util.register_pytree_node(
-    Moments, lambda m: (tuple(m), None), lambda _, children: Moments(*children)
-)
+    mean: Array
+    var: Array
+    count: Array
 
 
 # --------------------------------------------------------------------------------------------
