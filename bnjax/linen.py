@@ -99,6 +99,8 @@ class BatchNorm(nn.Module):
       param_dtype: dtype of the parameters and moving statistics.
       frozen: Keras ``trainable=False``: inference mode always, no updates.
       use_running_average: Flax-style mode, overridable at call time.
+      guard_non_finite: keep a feature's moving statistics unchanged when its batch
+        statistics are not finite (a NaN or Inf batch never poisons them).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -125,6 +127,7 @@ class BatchNorm(nn.Module):
     param_dtype: Any = jnp.float32
     frozen: bool = False
     use_running_average: bool | None = None
+    guard_non_finite: bool = True
 
     @nn.compact
     def __call__(
@@ -180,6 +183,7 @@ class BatchNorm(nn.Module):
                 x, stats, params, training=True, axis=axes, momentum=self.momentum,
                 epsilon=self.epsilon, axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
+                guard_non_finite=self.guard_non_finite,
             )
             mean.value, var.value = new["mean"], new["var"]
             return y
