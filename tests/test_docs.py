@@ -1,0 +1,38 @@
+"""Every public name has a docstring with a runnable example, and the examples run."""
+
+import doctest
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+import bnjax
+
+MODULES = sorted(
+    m.name for m in pkgutil.walk_packages(bnjax.__path__, "bnjax.")
+    if not m.name.endswith("__main__")
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests_pass(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} doctest example(s) failed in {name}"
+
+
+def _public_callables():
+    for name in bnjax.__all__:
+        obj = getattr(bnjax, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            yield name, obj
+
+
+@pytest.mark.parametrize("name,obj", list(_public_callables()))
+def test_public_api_has_docstring_with_example(name, obj):
+    doc = inspect.getdoc(obj) or ""
+    assert doc, f"bnjax.{name} has no docstring"
+    if inspect.isclass(obj) and issubclass(obj, tuple):  # NamedTuple records
+        return
+    assert ">>>" in doc, f"bnjax.{name}'s docstring has no runnable example"
