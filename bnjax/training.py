@@ -10,6 +10,10 @@ devices of every process, and each process feeds its own shard of the data.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,13 +25,18 @@ import optax
 from flax import struct
 
 __all__ = [
+    "NonFiniteTrainingError",
     "TrainState",
     "initialize_distributed",
+    "load_config",
     "make_eval_step",
     "make_train_step",
     "replicate",
+    "resolved_norm",
     "shard_batch",
+    "train_and_evaluate",
     "unreplicate",
+    "validate_config",
     "validate_data_parallel",
 ]
 
@@ -589,3 +598,535 @@ def initialize_distributed(
         local_device_ids=local_device_ids,
         initialization_timeout=initialization_timeout,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The training program's loop (train.py): config validation, data, checkpoints, metrics.
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+# Fields that may differ between an interrupted run and its resumption (they do not change
+# the numbers a run produces).
+_RESUME_FREE_FIELDS = ("stop_after_steps", "progress_bar", "data_dir", "keep_checkpoints",
+                       "checkpoint_every_steps")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive train steps had a non-finite loss or gradient."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) \
+        and bool(np.isfinite(v))
+
+
+def _config_fields() -> dict[str, tuple[Callable[[Any], bool], str]]:
+    from bnjax import data as data_lib
+    from bnjax import models as models_lib
+
+    def one_of(options: Sequence[str]) -> tuple[Callable[[Any], bool], str]:
+        return (lambda v: v in options), f"one of {list(options)}"
+
+    def int_at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
+        return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
+
+    def dataset_ok(v: Any) -> bool:
+        try:
+            data_lib.validate_dataset_name(v)
+        except ValueError:
+            return False
+        return True
+
+    return {
+        "dataset": (dataset_ok, "'mnist1d' or 'tfds:NAME' (e.g. 'tfds:mnist', 'tfds:cifar10')"),
+        "data_dir": (lambda v: isinstance(v, str) and bool(v), "a non-empty folder path"),
+        "validation_split": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "max_train_examples": int_at_least(0),
+        "augment": one_of(data_lib.AUGMENTATIONS),
+        "model": one_of(sorted(models_lib.MODELS)),
+        "norm": one_of(models_lib.NORMS),
+        "model_kwargs": (lambda v: isinstance(v, Mapping) or hasattr(v, "to_dict"),
+                         "a mapping of model attributes"),
+        "with_bn": (lambda v: isinstance(v, bool), "True or False"),
+        "seed": int_at_least(0),
+        "num_epochs": int_at_least(1),
+        "batch_size": int_at_least(1),
+        "eval_batch_size": int_at_least(1),
+        "optimizer": one_of(OPTIMIZERS),
+        "learning_rate": (lambda v: _is_num(v) and v > 0, "a finite number > 0"),
+        "schedule": one_of(SCHEDULES),
+        "warmup_epochs": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+        "weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
+        "momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "max_consecutive_skips": int_at_least(1),
+        "checkpoint_every_steps": int_at_least(0),
+        "keep_checkpoints": int_at_least(1),
+        "progress_bar": (lambda v: isinstance(v, bool), "True or False"),
+        "stop_after_steps": int_at_least(0),
+    }
+
+
+_OPTIONAL_FIELDS = ("with_bn",)
+
+
+def resolved_norm(config: Any) -> str:
+    """The normalization a config asks for: ``config.norm``, or ``"none"`` if ``with_bn`` is False.
+
+    Example:
+      >>> import ml_collections
+      >>> resolved_norm(ml_collections.ConfigDict({"norm": "batch", "with_bn": False}))
+      'none'
+    """
+    norm = config.get("norm", "batch")
+    if "with_bn" in config and config.with_bn is False:
+        return "none"
+    return norm
+
+
+def validate_config(config: Any, *, num_devices: int | None = None) -> None:
+    """Checks every field of a training config; raises one ``ValueError`` naming each bad field.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` (or mapping) as in ``configs/default.py``.
+      num_devices: devices the global batch is split across; defaults to
+        ``jax.device_count()``.
+
+    Raises:
+      ValueError: unknown or missing fields, or values out of range; the message names every
+        offending field (``config.FIELD``), its value and what is accepted.
+
+    Example:
+      >>> config = load_config("default")
+      >>> config.learning_rate = -1.0
+      >>> validate_config(config, num_devices=1)
+      Traceback (most recent call last):
+      ...
+      ValueError: invalid config:
+        config.learning_rate=-1.0: must be a finite number > 0
+    """
+    fields = _config_fields()
+    keys = list(config.keys())
+    errors = [f"config.{k}: unknown field; known fields: {sorted(fields)}"
+              for k in keys if k not in fields]
+    errors += [f"config.{k}: missing" for k in fields
+               if k not in keys and k not in _OPTIONAL_FIELDS]
+    for k, (ok, what) in fields.items():
+        if k in keys and not ok(config[k]):
+            errors.append(f"config.{k}={config[k]!r}: must be {what}")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    n = jax.device_count() if num_devices is None else int(num_devices)
+    for k in ("batch_size", "eval_batch_size"):
+        if config[k] % n:
+            errors.append(
+                f"config.{k}={config[k]}: must be divisible by the {n} devices the batch is "
+                f"split across (e.g. {max(n, config[k] - config[k] % n)})")
+    if config.get("with_bn") is True and config.norm == "none":
+        errors.append("config.with_bn=True contradicts config.norm='none'")
+    if config.warmup_epochs > config.num_epochs:
+        errors.append(f"config.warmup_epochs={config.warmup_epochs!r}: must be <= "
+                      f"config.num_epochs={config.num_epochs}")
+    from bnjax import models as models_lib
+
+    try:
+        models_lib.create_model(config.model, num_classes=10, norm=resolved_norm(config),
+                                **dict(config.model_kwargs))
+    except (TypeError, ValueError) as e:
+        errors.append(f"config.model_kwargs={dict(config.model_kwargs)!r}: {e}")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config(name_or_path: str) -> Any:
+    """Runs a config file's ``get_config()``: a path, or the name of a file in ``configs/``.
+
+    Config files are Python and are executed: load only files you trust.
+
+    Args:
+      name_or_path: e.g. ``"configs/tiny.py"`` or ``"tiny"`` (``configs/tiny.py`` of the
+        repository this package sits in).
+
+    Returns:
+      The ``ml_collections.ConfigDict``.
+
+    Raises:
+      FileNotFoundError: no such file.
+
+    Example:
+      >>> load_config("default").dataset
+      'mnist1d'
+    """
+    import runpy
+
+    path = name_or_path
+    if not os.path.exists(path) and os.sep not in path and not path.endswith(".py"):
+        path = os.path.join(_CONFIG_DIR, f"{path}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {name_or_path!r} not found (looked at {path!r}).")
+    return runpy.run_path(path)["get_config"]()
+
+
+def _make_optimizer(config: Any, steps_per_epoch: int) -> optax.GradientTransformation:
+    total = config.num_epochs * steps_per_epoch
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total - 1)
+    lr = float(config.learning_rate)
+    if config.schedule == "constant":
+        schedule = optax.constant_schedule(lr)
+        if warmup > 0:
+            schedule = optax.join_schedules(
+                [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    elif config.schedule == "cosine" or warmup <= 0:
+        schedule = optax.cosine_decay_schedule(lr, total)
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total)
+
+    def decay_mask(params: Any) -> Any:  # kernels only: no decay of biases and norm params
+        return jax.tree.map(lambda p: np.ndim(p) > 1, params)
+
+    wd = float(config.weight_decay)
+    if config.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=wd, mask=decay_mask)
+    base = {
+        "adam": lambda: optax.adam(schedule),
+        "sgd": lambda: optax.sgd(schedule),
+        "momentum": lambda: optax.sgd(schedule, momentum=float(config.momentum)),
+    }[config.optimizer]()
+    if wd:
+        return optax.chain(optax.add_decayed_weights(wd, mask=decay_mask), base)
+    return base
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(d, default=list))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_metrics(path: str) -> list[dict[str, Any]]:
+    """The complete lines of ``metrics.jsonl`` (a torn last line is dropped)."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def _plot_curves(records: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("val", ":"), ("test", "--")):
+        if records and f"{split}_loss" in records[0]:
+            ax_loss.plot(steps, [r[f"{split}_loss"] for r in records], style, label=split)
+            ax_acc.plot(steps, [r[f"{split}_accuracy"] for r in records], style, label=split)
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+    """Trains and evaluates a model as ``config`` says, resuming from ``workdir`` if possible.
+
+    Uses every device (data parallel under ``pmap`` with synchronized batch norm when there
+    is more than one), evaluates with the moving statistics after each epoch, and writes into
+    ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
+    ``checkpoints/<step>/`` (orbax: params, batch_stats, optimizer state, step, RNG and the
+    data position; each epoch, every ``checkpoint_every_steps`` and at the end) and
+    ``curves.png``. Running it again on the same ``workdir`` continues from the last complete
+    checkpoint and ends with the same metrics as an uninterrupted run.
+
+    Args:
+      config: the training config (see ``configs/default.py``); checked by
+        :func:`validate_config` before anything else runs.
+      workdir: output folder (created if needed).
+
+    Returns:
+      The last metrics line (``epoch``, ``step``, ``train_*``, ``test_*``, ...) plus
+      ``"interrupted": True`` when ``stop_after_steps`` stopped the run early.
+
+    Raises:
+      ValueError: a bad config field (named in the message), or a ``workdir`` holding a run
+        with another config.
+      bnjax.data.DatasetNotFoundError: the dataset is not on disk.
+      NonFiniteTrainingError: ``max_consecutive_skips`` steps in a row were not finite.
+
+    Example:
+      >>> import tempfile
+      >>> config = load_config("tiny")
+      >>> config.update(num_epochs=1, max_train_examples=200, batch_size=40)
+      >>> result = train_and_evaluate(config, tempfile.mkdtemp())  # doctest: +SKIP
+    """
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from bnjax import data as data_lib
+    from bnjax import models as models_lib
+
+    t_start = time.time()
+    validate_config(config)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    n_local = jax.local_device_count()
+    data_parallel = jax.device_count() > 1
+    is_main = process_index == 0
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+    # Data.
+    ds = data_lib.load_dataset(
+        config.dataset, data_dir=config.data_dir, validation_split=config.validation_split,
+        process_index=process_index, process_count=process_count)
+    if config.max_train_examples:
+        limit = min(config.max_train_examples, ds.train.total)
+        keep = len(range(process_index, limit, process_count))
+        ds = dataclasses.replace(ds, train=data_lib.Split(
+            x=ds.train.x[:keep], y=ds.train.y[:keep], total=limit))
+    spe = data_lib.steps_per_epoch(ds, config.batch_size, process_count)
+    if spe < 1:
+        raise ValueError(
+            f"config.batch_size={config.batch_size}: larger than the {ds.train.total} training "
+            f"examples of {config.dataset!r}; use a batch size <= {ds.train.total}.")
+    # Model and state.
+    norm = resolved_norm(config)
+    model = models_lib.create_model(
+        config.model, num_classes=ds.num_classes, norm=norm,
+        axis_name="batch" if data_parallel else None, **dict(config.model_kwargs))
+    rng = jax.random.key(config.seed)
+    init_rng, rng = jax.random.split(rng)
+    x0 = ds.normalize(ds.train.x[:1])
+    variables = jax.jit(lambda k, x: model.init(k, x, training=False))(init_rng, x0)
+    tx = _make_optimizer(config, spe)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              batch_stats=variables.get("batch_stats", {}), tx=tx)
+
+    def host_tree(s: TrainState) -> dict[str, Any]:
+        return jax.device_get({"step": s.step, "params": s.params, "batch_stats": s.batch_stats,
+                               "opt_state": s.opt_state, "rng": jax.random.key_data(rng)})
+
+    # Checkpoints and the files of the workdir.
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    config_path = os.path.join(workdir, "config.json")
+    cfg = _config_dict(config)
+    mngr = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                             enable_async_checkpointing=False),
+        item_names=("state", "meta"))
+    latest = mngr.latest_step()
+    meta: dict[str, Any] = {"epoch": 0, "batch_in_epoch": 0, "epoch_sums": [0.0, 0.0, 0.0, 0],
+                            "consecutive_skips": 0, "total_skipped": 0, "elapsed_s": 0.0}
+    if latest is not None:
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                old = json.load(f)
+            diff = sorted(k for k in set(old) | set(cfg) if k not in _RESUME_FREE_FIELDS
+                          and old.get(k) != cfg.get(k))
+            if diff:
+                raise ValueError(
+                    f"workdir {workdir!r} holds a run with another config (fields "
+                    + ", ".join(f"config.{k}: {old.get(k)!r} there, {cfg.get(k)!r} now"
+                                for k in diff)
+                    + "); resume it with the same config or use a new --workdir.")
+        restored = mngr.restore(latest, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(host_tree(state)), meta=ocp.args.JsonRestore()))
+        tree, meta = restored.state, dict(restored.meta)
+        state = state.replace(step=jnp.asarray(tree["step"]), params=tree["params"],
+                              batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
+        rng = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+        if is_main:
+            print(f"Resuming from {os.path.join(workdir, 'checkpoints', str(latest))} "
+                  f"(step {latest}, epoch {meta['epoch'] + 1}, batch {meta['batch_in_epoch']})",
+                  flush=True)
+    records = [r for r in _read_metrics(metrics_path)
+               if latest is not None and r.get("step", 0) <= latest]
+    if is_main:
+        _write_atomic(config_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+
+    train_step = make_train_step(data_parallel=data_parallel)
+    eval_step = make_eval_step(data_parallel=data_parallel)
+    if data_parallel:
+        state = replicate(state)
+
+    def feed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if data_parallel:
+            return batch
+        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+    def first(tree: Any) -> Any:
+        tree = jax.device_get(tree)
+        return jax.tree.map(lambda a: a[0], tree) if data_parallel else tree
+
+    def evaluate(split: data_lib.Split) -> dict[str, float]:
+        sums = np.zeros(3)
+        for batch in data_lib.eval_batches(ds, split, batch_size=config.eval_batch_size,
+                                           num_local_devices=n_local,
+                                           process_count=process_count):
+            m = first(eval_step(state, feed(batch)))
+            sums += [float(m["loss_sum"]), float(m["correct"]), float(m["count"])]
+        count = max(sums[2], 1.0)
+        return {"loss": sums[0] / count, "accuracy": sums[1] / count}
+
+    def save(step: int) -> None:
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(host_tree(unreplicate(state) if data_parallel
+                                                  else state)),
+            meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
+
+    step = int(latest or 0)
+    epoch, start = int(meta["epoch"]), int(meta["batch_in_epoch"])
+    sums = list(meta["epoch_sums"])  # loss, accuracy, skipped, steps of the current epoch
+    consecutive, total_skipped = int(meta["consecutive_skips"]), int(meta["total_skipped"])
+    elapsed0 = float(meta["elapsed_s"]) - time.time()
+    interrupted = False
+    if is_main:
+        how = " (data parallel, synchronized BN)" if data_parallel else ""
+        print(f"Training {config.model} (norm={norm}) on {config.dataset}: "
+              f"{len(ds.train)} train / {len(ds.test)} test examples, "
+              f"{config.num_epochs} epochs x {spe} steps, batch {config.batch_size} on "
+              f"{jax.device_count()} device(s){how}; workdir {workdir}", flush=True)
+
+    def consume(m: Any) -> None:
+        nonlocal consecutive, total_skipped
+        m = first(m)
+        skipped = float(m["skipped"]) > 0
+        sums[2] += float(skipped)
+        sums[3] += 1
+        if skipped:
+            consecutive += 1
+            total_skipped += 1
+        else:
+            consecutive = 0
+            sums[0] += float(m["loss"])
+            sums[1] += float(m["accuracy"])
+        if consecutive >= config.max_consecutive_skips:
+            raise NonFiniteTrainingError(
+                f"{consecutive} consecutive training steps (up to step {step}) had a "
+                "non-finite loss or gradient and were skipped (config.max_consecutive_skips="
+                f"{config.max_consecutive_skips}); stopping. The parameters and moving "
+                "statistics are unchanged by those steps; lower config.learning_rate or check "
+                f"the data. The last complete checkpoint in {workdir} is intact.")
+
+    while epoch < config.num_epochs and not interrupted:
+        bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+                   disable=not (config.progress_bar and is_main), leave=False, unit="step",
+                   dynamic_ncols=True)
+        pending = None
+        batches = data_lib.train_batches(
+            ds, batch_size=config.batch_size, seed=config.seed, epoch=epoch, start=start,
+            num_local_devices=n_local, process_index=process_index,
+            process_count=process_count, augment=config.augment)
+        for k, batch in enumerate(batches, start=start):
+            state, m = train_step(state, feed(batch))
+            if pending is not None:
+                consume(pending)
+            pending = m
+            step += 1
+            bar.update(1)
+            if (k + 1) % 10 == 0 and sums[3] > sums[2]:
+                n_ok = sums[3] - sums[2]
+                bar.set_postfix(loss=f"{sums[0] / n_ok:.4f}", acc=f"{sums[1] / n_ok:.4f}")
+            end_of_epoch = k + 1 == spe
+            stop = bool(config.stop_after_steps) and step >= config.stop_after_steps
+            periodic = (bool(config.checkpoint_every_steps)
+                        and step % config.checkpoint_every_steps == 0)
+            if end_of_epoch or stop or periodic:
+                consume(pending)
+                pending = None
+            if end_of_epoch:
+                break
+            if stop or periodic:
+                meta.update(epoch=epoch, batch_in_epoch=k + 1, epoch_sums=sums,
+                            consecutive_skips=consecutive, total_skipped=total_skipped,
+                            elapsed_s=elapsed0 + time.time())
+                save(step)
+            if stop:
+                interrupted = True
+                break
+        if pending is not None:
+            consume(pending)
+        bar.close()
+        if interrupted:
+            break
+        n_ok = max(sums[3] - sums[2], 1)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1, "step": step,
+            "train_loss": sums[0] / n_ok, "train_accuracy": sums[1] / n_ok,
+            "skipped_steps": int(sums[2]), "total_skipped_steps": total_skipped,
+        }
+        splits = [("test", ds.test)] + ([("val", ds.validation)] if ds.validation else [])
+        for split_name, split in splits:
+            for key, value in evaluate(split).items():
+                record[f"{split_name}_{key}"] = value
+        record["elapsed_s"] = round(elapsed0 + time.time(), 3)
+        records.append(record)
+        if is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            msg = (f"epoch {epoch + 1}/{config.num_epochs} step {step}: train loss "
+                   f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f}")
+            for split_name, _ in splits[::-1]:
+                msg += (f" | {split_name} loss {record[f'{split_name}_loss']:.4f} acc "
+                        f"{record[f'{split_name}_accuracy']:.4f}")
+            if total_skipped:
+                msg += f" | skipped {record['skipped_steps']} (total {total_skipped})"
+            print(f"{msg} | {record['elapsed_s']:.1f} s", flush=True)
+        epoch, start, sums = epoch + 1, 0, [0.0, 0.0, 0.0, 0]
+        meta.update(epoch=epoch, batch_in_epoch=0, epoch_sums=sums,
+                    consecutive_skips=consecutive, total_skipped=total_skipped,
+                    elapsed_s=elapsed0 + time.time())
+        save(step)
+        if config.stop_after_steps and step >= config.stop_after_steps:
+            interrupted = epoch < config.num_epochs
+            break
+
+    mngr.close()
+    result: dict[str, Any] = dict(records[-1]) if records else {"step": step}
+    if interrupted:
+        result["interrupted"] = True
+        if is_main:
+            print(f"Stopped after step {step} (config.stop_after_steps); run the same command "
+                  "again to resume.", flush=True)
+        return result
+    if is_main and records:
+        _plot_curves(records, os.path.join(workdir, "curves.png"),
+                     f"{config.model} (norm={norm}) on {config.dataset}")
+        print(f"Final test accuracy: {result['test_accuracy']:.4f} (test loss "
+              f"{result['test_loss']:.4f}) after {result['step']} steps; "
+              f"{time.time() - t_start:.1f} s in this process; outputs in {workdir}",
+              flush=True)
+    return result
