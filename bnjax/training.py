@@ -159,7 +159,13 @@ def unreplicate(tree: Any) -> Any:
       >>> unreplicate(replicate({"w": jnp.arange(3.0)}))["w"].tolist()
       [0.0, 1.0, 2.0]
     """
-    return jax.tree.map(lambda a: a[0], tree)
+    def first(a: Any) -> Any:
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            # Multi-process: this process's first replica (a shard of shape (1, ...)).
+            return a.addressable_data(0)[0]
+        return a[0]
+
+    return jax.tree.map(first, tree)
 
 
 def shard_batch(batch: Batch, num_devices: int | None = None) -> dict[str, Any]:
@@ -446,7 +452,9 @@ class _ValidatedPmap:
     def __call__(self, state: TrainState, batch: Batch) -> Any:
         key = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
         if key not in self._seen:
-            validate_data_parallel(unreplicate(state), batch, axis_name=self._axis_name)
+            shapes = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), state)
+            validate_data_parallel(shapes, batch, axis_name=self._axis_name)
             self._seen.add(key)
         return self._fn(state, batch)
 
