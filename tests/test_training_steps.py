@@ -1,0 +1,209 @@
+"""Train and eval steps of bnjax.training, single-device and data-parallel over 8 CPU devices.
+
+The reference (bn_reference.ref_train_step) is a float64 model with flax.linen.BatchNorm, a
+hand-written masked cross-entropy and plain SGD on the whole batch; "1e-5 relative" is the max
+error over the largest reference magnitude of each array.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from bn_reference import SyncMLP, init_variables, make_data, ref_train_step
+
+from bnjax import training
+
+D = 8
+LAYERS = 2
+LR = 0.1
+
+
+def close(got, ref, rtol=1e-5, what=""):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    err = np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30)
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol}"
+
+
+def make_state(axis_name, tx=None, penalty=0.0, groups=None, layers=LAYERS):
+    model = SyncMLP(layers=layers, axis_name=axis_name, penalty=penalty,
+                    axis_index_groups=groups)
+    v = init_variables(layers=layers)
+    return training.TrainState.create(apply_fn=model.apply, params=v["params"],
+                                      batch_stats=v["batch_stats"], tx=tx or optax.sgd(LR))
+
+
+def host(tree, data_parallel):
+    return jax.tree.map(np.asarray, training.unreplicate(tree) if data_parallel else tree)
+
+
+def batches(masked, steps=2, n=D * 4):
+    out = []
+    for s in range(steps):
+        x, y = make_data(n, seed=10 + s)
+        b = {"x": x, "y": y}
+        if masked:
+            b["mask"] = (np.arange(n) * 7 + s) % 4 != 0  # a quarter left out, uneven per device
+        out.append(b)
+    return out
+
+
+def run_steps(data_parallel, bs, constrain_fn=None, penalty=0.0, tx=None):
+    state = make_state("batch" if data_parallel else None, tx=tx, penalty=penalty)
+    step = training.make_train_step(data_parallel=data_parallel, constrain_fn=constrain_fn)
+    if data_parallel:
+        state = training.replicate(state)
+    metrics = []
+    for b in bs:
+        state, m = step(state, training.shard_batch(b) if data_parallel else b)
+        metrics.append(host(m, data_parallel))
+    return state, metrics
+
+
+def check_against_reference(state, metrics, bs, data_parallel, penalty=0.0, clip=None):
+    ref = init_variables(layers=LAYERS)
+    ref = {"params": ref["params"], "batch_stats": ref["batch_stats"]}
+    for b, m in zip(bs, metrics, strict=True):
+        ref, loss, acc = ref_train_step(ref, b, layers=LAYERS, lr=LR, penalty=penalty,
+                                        clip=clip)
+        close(m["loss"], loss, what="loss")
+        close(m["accuracy"], acc, what="accuracy")
+        assert float(m["skipped"]) == 0.0
+    got = host({"params": state.params, "batch_stats": state.batch_stats}, data_parallel)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref),
+                            strict=True):
+        close(g, r, what=jax.tree_util.keystr(path))
+    assert int(np.asarray(state.step).reshape(-1)[0]) == len(bs)
+
+
+@pytest.mark.parametrize("data_parallel", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_train_step_matches_float64_reference(data_parallel, masked):
+    bs = batches(masked)
+    state, metrics = run_steps(data_parallel, bs)
+    check_against_reference(state, metrics, bs, data_parallel)
+    if data_parallel:
+        # Identical replicas: parameters and moving statistics agree on every device.
+        for leaf in jax.tree.leaves((state.params, state.batch_stats)):
+            a = np.asarray(leaf)
+            assert np.array_equal(a, np.broadcast_to(a[:1], a.shape))
+
+
+def test_losses_collection_and_constrain_fn():
+    """A sown penalty joins the loss and its gradient; constrain_fn clips after each update."""
+    bs = batches(False)
+    clip = 0.3
+    state, metrics = run_steps(True, bs, penalty=0.05,
+                               constrain_fn=lambda p: jax.tree.map(
+                                   lambda a: jnp.clip(a, -clip, clip), p))
+    check_against_reference(state, metrics, bs, True, penalty=0.05, clip=clip)
+    assert max(np.max(np.abs(a)) for a in jax.tree.leaves(host(state.params, True))) <= clip
+
+
+@pytest.mark.parametrize("data_parallel", [False, True])
+def test_non_finite_batches_are_skipped(data_parallel):
+    state = make_state("batch" if data_parallel else None, tx=optax.adam(1e-2))
+    step = training.make_train_step(data_parallel=data_parallel)
+    if data_parallel:
+        state = training.replicate(state)
+    prep = training.shard_batch if data_parallel else (lambda b: b)
+    good = batches(False, steps=1)[0]
+    state, m = step(state, prep(good))  # a normal step first: a non-trivial optimizer state
+    assert float(np.asarray(m["skipped"]).reshape(-1)[0]) == 0.0
+    for bad_value in (np.nan, np.inf):
+        before = host(state, data_parallel)
+        bad = dict(good, x=good["x"].copy())
+        bad["x"][5, 1] = bad_value
+        state, m = step(state, prep(bad))
+        after = host(state, data_parallel)
+        assert float(np.asarray(m["skipped"]).reshape(-1)[0]) == 1.0
+        assert not np.isfinite(float(np.asarray(m["loss"]).reshape(-1)[0]))
+        for name in ("params", "opt_state", "batch_stats"):
+            for a, b in zip(jax.tree.leaves(getattr(before, name)),
+                            jax.tree.leaves(getattr(after, name)), strict=True):
+                assert np.all(np.isfinite(b)) and np.array_equal(a, b), name
+        assert int(np.asarray(after.step).reshape(-1)[0]) == int(
+            np.asarray(before.step).reshape(-1)[0]) + 1
+    state, m = step(state, prep(good))
+    assert float(np.asarray(m["skipped"]).reshape(-1)[0]) == 0.0
+    assert not np.array_equal(jax.tree.leaves(host(state.params, data_parallel))[0],
+                              jax.tree.leaves(after.params)[0])
+
+
+def _np_logits(variables, x):
+    p, s = variables["params"], variables["batch_stats"]
+    h = np.asarray(x, np.float64)
+    for i in range(LAYERS):
+        h = h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+        bn, st = p[f"BatchNorm_{i}"], s[f"BatchNorm_{i}"]
+        h = np.maximum((h - st["mean"]) / np.sqrt(st["var"] + 1e-3) * bn["scale"] + bn["bias"],
+                       0)
+    return h @ p[f"Dense_{LAYERS}"]["kernel"] + p[f"Dense_{LAYERS}"]["bias"]
+
+
+@pytest.mark.parametrize("data_parallel", [False, True])
+def test_eval_step_uses_moving_statistics_and_honours_the_mask(data_parallel):
+    state = make_state("batch" if data_parallel else None)
+    b = batches(True, steps=1)[0]
+    step = training.make_eval_step(data_parallel=data_parallel)
+    m = step(training.replicate(state) if data_parallel else state,
+             training.shard_batch(b) if data_parallel else b)
+    m = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
+    v = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                     {"params": state.params, "batch_stats": state.batch_stats})
+    logits = _np_logits(v, b["x"])
+    top = logits.max(1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    valid = b["mask"]
+    nll = -logp[np.arange(len(b["y"])), b["y"]]
+    assert m["count"] == valid.sum()
+    assert m["correct"] == np.sum((logits.argmax(1) == b["y"])[valid])
+    close(m["loss_sum"], nll[valid].sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Data-parallel input errors, raised before any step runs.
+
+
+def _dp_batch():
+    x, y = make_data(D * 4)
+    return training.shard_batch({"x": x, "y": y})
+
+
+def test_wrong_axis_name_in_the_model_is_a_clear_error():
+    state = training.replicate(make_state("data"))
+    step = training.make_train_step(data_parallel=True)
+    with pytest.raises(ValueError, match=r"axis_name='data'.*axis_name='batch'"):
+        step(state, _dp_batch())
+
+
+def test_groups_that_do_not_partition_the_devices_are_a_clear_error():
+    state = training.replicate(make_state("batch", groups=[[0, 1], [2, 3]]))
+    step = training.make_train_step(data_parallel=True)
+    with pytest.raises(ValueError, match=r"does not partition the 8 devices"):
+        step(state, _dp_batch())
+
+
+@pytest.mark.parametrize("size", [30, 12])
+def test_batch_not_divisible_by_the_device_count_is_a_clear_error(size):
+    x, y = make_data(size)
+    with pytest.raises(ValueError, match=rf"batch size {size} is not divisible by the device "
+                                         "count 8"):
+        training.shard_batch({"x": x, "y": y})
+    step = training.make_train_step(data_parallel=True)
+    with pytest.raises(ValueError, match=r"num_local_devices=8"):
+        step(training.replicate(make_state("batch")), {"x": x, "y": y})
+
+
+def test_bad_step_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="axis_name"):
+        training.make_train_step(data_parallel=True, axis_name="")
+    with pytest.raises(TypeError, match="constrain_fn"):
+        training.make_train_step(constrain_fn=3)
+    x, y = make_data(8)
+    with pytest.raises(TypeError, match=r"batch\['y'\]"):
+        training.make_train_step()(make_state(None), {"x": x, "y": y.astype(np.float32)})
+    with pytest.raises(ValueError, match="process_id"):
+        training.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
+    with pytest.raises(ValueError, match="coordinator_address"):
+        training.initialize_distributed("localhost", num_processes=2, process_id=0)
