@@ -169,11 +169,17 @@ def _local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
         count = jnp.sum(mask, axis=red, dtype=dt)
         count = jnp.broadcast_to(count.reshape([mask.shape[a] for a in axes]), shift.shape)
     shift = lax.stop_gradient(shift)
-    d = x.astype(dt) - _to_input_shape(shift, x.ndim, axes)
+    # Each sum recomputes ``x - shift`` inside its own reduction, reading only ``x``. With one
+    # shared difference XLA (CPU) writes it out as a full-size temporary for the two sums to
+    # read, which costs more than reading ``x`` twice; two copies of the shift that XLA cannot
+    # merge (the barrier is free on a per-feature vector) keep the differences fused.
+    shift_1, shift_2 = lax.optimization_barrier((shift, shift))
+    d1 = x.astype(dt) - _to_input_shape(shift_1, x.ndim, axes)
+    d2 = x.astype(dt) - _to_input_shape(shift_2, x.ndim, axes)
     if mask is not None:
-        d = jnp.where(mask, d, 0)
-    s1 = jnp.sum(d, axis=red)
-    s2 = jnp.sum(d * d, axis=red)
+        d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
+    s1 = jnp.sum(d1, axis=red)
+    s2 = jnp.sum(d2 * d2, axis=red)
     return jnp.stack([count, shift, s1, s2])
 
 
@@ -415,10 +421,13 @@ def _train_forward_bwd(axes, epsilon, axis_name, groups, out_dtype, res, cts):
     bshape = functools.partial(_to_input_shape, ndim=x.ndim, axes=axes)
     r = lax.rsqrt(stats.var + epsilon)
     g = jnp.ones_like(r) if scale is None else scale.astype(dt)
-    xc = x.astype(dt) - bshape(stats.mean)
+    # x - mean is recomputed in the reduction and in dx rather than stored (see _local_sums):
+    # separate copies of the mean keep XLA from merging the two into one written temporary.
+    mean_1, mean_2 = lax.optimization_barrier((stats.mean, stats.mean))
     dy = dy.astype(dt)
     sum_dy = jnp.sum(dy, axis=red)
-    sum_dy_xc = jnp.sum(dy * xc, axis=red)
+    sum_dy_xc = jnp.sum(dy * (x.astype(dt) - bshape(mean_1)), axis=red)
+    xc = x.astype(dt) - bshape(mean_2)
     local = jnp.stack([sum_dy, sum_dy_xc])
     dmean = dstats.mean.astype(dt)
     dvar = dstats.var.astype(dt)

@@ -1,0 +1,186 @@
+"""Model-level benchmark: ResNet-20 (CIFAR shapes) train step and inference.
+
+Train step: ``bnjax.training.make_train_step()`` (jitted; softmax cross-entropy, SGD with
+momentum, the non-finite guard) on ``bnjax.models.create_model("resnet20")`` built three ways:
+``bnjax`` batch norm, Flax's ``flax.linen.BatchNorm`` in the same places (same momentum 0.99
+and epsilon 1e-3), and no normalization. Inference: the jitted ``apply`` with
+``training=False`` for the same three models, and the bnjax model with its batch norms folded
+into the convolutions by ``bnjax.fold_batch_norm`` when that function exists (otherwise the
+row says it is not available).
+
+The Flax variant swaps the model zoo's norm factory (``bnjax.models.make_norm``) for one that
+returns ``flax.linen.BatchNorm`` while the model is built, initialized and traced; nothing
+else changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import bnjax
+from bnjax import models, training
+from bnjax.bench.common import compile_fn, median_times, peak_memory
+
+__all__ = ["NORMS", "run"]
+
+#: Normalization variants of the model table, in print order.
+NORMS: tuple[str, ...] = ("bnjax BN", "flax BN", "no norm")
+
+
+class _FlaxBatchNorm(nn.Module):
+    """``flax.linen.BatchNorm`` behind the model zoo's ``norm(x, training=...)`` call."""
+
+    axis_name: str | None = None
+    scale_init: Callable[..., Any] = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array, training: bool | None = None) -> jax.Array:
+        """Normalizes ``x`` with Flax's batch norm (batch statistics when ``training``)."""
+        return nn.BatchNorm(use_running_average=not training, momentum=0.99, epsilon=1e-3,
+                            axis_name=self.axis_name, scale_init=self.scale_init)(x)
+
+
+@contextlib.contextmanager
+def _flax_norm() -> Iterator[None]:
+    """While active, the model zoo's ``"batch"`` norm is ``flax.linen.BatchNorm``."""
+    original = models.make_norm
+
+    def make_norm(norm: str, *, axis_name: str | None = None, **kw: Any) -> nn.Module:
+        if norm != "batch":
+            return original(norm, axis_name=axis_name, **kw)
+        return _FlaxBatchNorm(axis_name=axis_name,
+                              scale_init=kw.get("scale_init", nn.initializers.ones),
+                              name=kw.get("name"))
+
+    models.make_norm = make_norm
+    try:
+        yield
+    finally:
+        models.make_norm = original
+
+
+def _init_variables(model: nn.Module, x: jax.Array) -> Any:
+    """He-normal kernels, unit scales and variances, zero biases and means.
+
+    ``model.init`` would compile the initializers' random-number code, op by op, which takes
+    longer than compiling the train step; values drawn with NumPy into the shapes that
+    ``jax.eval_shape`` reports serve the timing as well, identically for every variant.
+    """
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, training=False))
+    rng = np.random.default_rng(0)
+
+    def fill(path: Any, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name = getattr(path[-1], "key", str(path[-1]))
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+        if name in ("scale", "var"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _build(variant: str, batch: int, blocks: int) -> dict[str, Any]:
+    """Model, variables, compiled train and eval steps for one normalization variant."""
+    norm = "none" if variant == "no norm" else "batch"
+    ctx = _flax_norm() if variant == "flax BN" else contextlib.nullcontext()
+    kx, ky = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (batch, 32, 32, 3), jnp.float32)
+    y = jax.random.randint(ky, (batch,), 0, 10)
+    with ctx:
+        model = models.create_model("resnet20", num_classes=10, norm=norm,
+                                    blocks_per_stage=blocks)
+        variables = _init_variables(model, x)
+        state = training.TrainState.create(
+            apply_fn=model.apply, params=variables["params"],
+            batch_stats=variables.get("batch_stats", {}), tx=optax.sgd(0.1, momentum=0.9))
+        batch_ = {"x": x, "y": y}
+        step = training.make_train_step().lower(state, batch_).compile()
+        infer = compile_fn(lambda v, x: model.apply(v, x, training=False), variables, x)
+    return {"model": model, "variables": variables, "x": x, "state": state, "batch": batch_,
+            "step": step, "infer": infer}
+
+
+def _fold(built: dict[str, Any]) -> tuple[Any, str]:
+    """Compiled folded inference of the bnjax model, or (None, why not)."""
+    fold = getattr(bnjax, "fold_batch_norm", None)
+    if fold is None:
+        return None, "not available: bnjax.fold_batch_norm has not landed"
+    try:
+        folded, fv = fold(built["model"], built["variables"], built["x"])
+        fn = compile_fn(lambda v, x: folded.apply(v, x, training=False), fv, built["x"])
+    except Exception as e:  # report, do not abort the other tables
+        return None, f"failed: {type(e).__name__}: {e}"
+    return (fn, fv), ""
+
+
+def run(
+    *,
+    batch: int = 128,
+    blocks_per_stage: int = 3,
+    reps: int = 20,
+    warmup: int = 2,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Times the ResNet train step and inference for every normalization variant.
+
+    Args:
+      batch: examples per step (CIFAR images 32x32x3, 10 classes).
+      blocks_per_stage: 3 is ResNet-20; ``--quick`` uses 0 (stem, head) to compile fast.
+      reps: timed rounds (the figure is the median).
+      warmup: untimed calls first.
+      log: progress printer.
+
+    Returns:
+      Rows ``{"step": "train"|"eval", "variant", "median_ms", ..., "ratio_to_flax",
+      "peak_bytes", "available", "note"}``; ``ratio_to_flax`` is over the flax BN row of the
+      same step.
+
+    Example:
+      >>> NORMS
+      ('bnjax BN', 'flax BN', 'no norm')
+      >>> rows = run(batch=2, blocks_per_stage=0, reps=1, log=print)  # doctest: +SKIP
+    """
+    built = {v: _build(v, batch, blocks_per_stage) for v in NORMS}
+    folded, why = _fold(built["bnjax BN"])
+    rows: list[dict[str, Any]] = []
+    common = {"model": f"resnet{6 * blocks_per_stage + 2}", "batch": batch}
+
+    train_calls = {v: (lambda b=b: b["step"](b["state"], b["batch"])) for v, b in built.items()}
+    times = median_times(train_calls, reps=reps, warmup=warmup)
+    for v in NORMS:
+        rows.append({**common, "step": "train", "variant": v, **times[v],
+                     "ratio_to_flax": times[v]["median_ms"] / times["flax BN"]["median_ms"],
+                     "peak_bytes": peak_memory(built[v]["step"])["peak_bytes"],
+                     "available": True, "note": ""})
+    log("  train: " + ", ".join(f"{v} {times[v]['median_ms']:.1f} ms" for v in NORMS))
+
+    eval_calls = {v: (lambda b=b: b["infer"](b["variables"], b["x"])) for v, b in built.items()}
+    if folded is not None:
+        fn, fv = folded
+        x = built["bnjax BN"]["x"]
+        eval_calls["bnjax BN folded"] = lambda: fn(fv, x)
+    peaks = {v: peak_memory(b["infer"])["peak_bytes"] for v, b in built.items()}
+    if folded is not None:
+        peaks["bnjax BN folded"] = peak_memory(folded[0])["peak_bytes"]
+    times = median_times(eval_calls, reps=reps, warmup=warmup)
+    for v in (*NORMS, "bnjax BN folded"):
+        if v in times:
+            rows.append({**common, "step": "eval", "variant": v, **times[v],
+                         "ratio_to_flax": times[v]["median_ms"] / times["flax BN"]["median_ms"],
+                         "peak_bytes": peaks[v], "available": True, "note": ""})
+        else:
+            rows.append({**common, "step": "eval", "variant": v, "median_ms": None,
+                         "ratio_to_flax": None, "peak_bytes": None, "available": False,
+                         "note": why})
+    log("  eval: " + ", ".join(f"{v} {times[v]['median_ms']:.1f} ms" for v in times))
+    return rows
