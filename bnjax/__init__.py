@@ -9,21 +9,27 @@ Example:
   (4, 3)
 """
 
+from bnjax import convert as convert
+from bnjax import keras_compat as keras_compat
 from bnjax.functional import (
     Moments,
     batch_norm,
     canonicalize_axes,
+    init_renorm_stats,
     moments,
     normalize,
+    renorm_schedule,
     update_moving_stats,
 )
 from bnjax.inference import (
     FoldedModel,
     MCBNPrediction,
+    export_folded_model,
     fold_batch_norm,
     mc_batch_norm_predict,
     precise_batch_stats,
 )
+from bnjax.keras_compat import make_constrain_fn
 from bnjax.linen import BatchNorm, resolve_training
 
 __version__ = "0.1.0"
@@ -36,11 +42,24 @@ __all__ = [
     "__version__",
     "batch_norm",
     "canonicalize_axes",
+    "export_folded_model",
     "fold_batch_norm",
+    "init_renorm_stats",
+    "make_constrain_fn",
     "mc_batch_norm_predict",
     "moments",
     "normalize",
     "precise_batch_stats",
+    "renorm_schedule",
     "resolve_training",
     "update_moving_stats",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``bnjax.nnx`` is imported on first use (it loads flax.nnx, which the rest does not)."""
+    if name == "nnx":
+        import importlib
+
+        return importlib.import_module("bnjax.nnx")
+    raise AttributeError(f"module 'bnjax' has no attribute {name!r}")

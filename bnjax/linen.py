@@ -8,7 +8,7 @@ checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bnjax import functional as F
+from bnjax import keras_compat as K
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -101,6 +102,21 @@ class BatchNorm(nn.Module):
       use_running_average: Flax-style mode, overridable at call time.
       guard_non_finite: keep a feature's moving statistics unchanged when its batch
         statistics are not finite (a NaN or Inf batch never poisons them).
+      renorm: batch renormalization (Ioffe, 2017), Keras 3 semantics (see
+        ``bnjax.batch_norm``); adds ``batch_stats/{std,renorm_mean,renorm_std}``.
+      renorm_clipping: ``{"rmin", "rmax", "dmax"}`` (any subset), or a callable
+        ``step -> mapping`` such as ``bnjax.renorm_schedule``; with a callable the layer
+        counts its training steps in ``batch_stats/renorm_step``.
+      renorm_momentum: weight on the old value of the renorm moving statistics.
+      virtual_batch_size: ghost batch normalization: consecutive groups of this many
+        examples along axis 0 are normalized separately in training (see
+        ``bnjax.batch_norm``).
+      scale_regularizer: Keras ``gamma_regularizer`` (a callable or ``"l1"``/``"l2"``); its
+        penalty is sown into the ``"losses"`` collection when that is mutable.
+      bias_regularizer: Keras ``beta_regularizer``, likewise.
+      scale_constraint: Keras ``gamma_constraint``; applied after each optimizer update by
+        ``bnjax.keras_compat.make_constrain_fn(model, ...)``.
+      bias_constraint: Keras ``beta_constraint``, likewise.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -128,6 +144,14 @@ class BatchNorm(nn.Module):
     frozen: bool = False
     use_running_average: bool | None = None
     guard_non_finite: bool = True
+    renorm: bool = False
+    renorm_clipping: Mapping[str, Any] | Callable[[Array], Mapping[str, Any]] | None = None
+    renorm_momentum: float = 0.99
+    virtual_batch_size: int | None = None
+    scale_regularizer: Callable[[Array], Array] | str | None = None
+    bias_regularizer: Callable[[Array], Array] | str | None = None
+    scale_constraint: Callable[[Array], Array] | str | None = None
+    bias_constraint: Callable[[Array], Array] | str | None = None
 
     @nn.compact
     def __call__(
@@ -168,6 +192,19 @@ class BatchNorm(nn.Module):
             params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
 
         stats = {"mean": mean.value, "var": var.value}
+        extra = {}
+        if self.renorm:
+            extra = {
+                "std": self._stat("std", lambda *_: jnp.sqrt(var.value), feature_shape),
+                "renorm_mean": self._stat("renorm_mean", lambda *_: mean.value, feature_shape),
+                "renorm_std": self._stat("renorm_std", lambda *_: jnp.sqrt(var.value),
+                                         feature_shape),
+            }
+            stats.update({k: v.value for k, v in extra.items()})
+        step = None
+        if self.renorm and callable(self.renorm_clipping):
+            step = self.variable("batch_stats", "renorm_step", lambda: jnp.zeros((), jnp.int32))
+        self._sow_penalties(params)
         # Initialization uses the moving statistics: it neither updates them nor runs a
         # collective, so `init` works outside pmap even with `axis_name` set.
         if train and not self.is_initializing():
@@ -183,14 +220,39 @@ class BatchNorm(nn.Module):
                 x, stats, params, training=True, axis=axes, momentum=self.momentum,
                 epsilon=self.epsilon, axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
-                guard_non_finite=self.guard_non_finite,
+                guard_non_finite=self.guard_non_finite, renorm=self.renorm,
+                renorm_clipping=self._clipping(step), renorm_momentum=self.renorm_momentum,
+                virtual_batch_size=self.virtual_batch_size,
             )
             mean.value, var.value = new["mean"], new["var"]
+            for key, v in extra.items():
+                v.value = new[key]
             return y
         y, _ = F.batch_norm(x, stats, params, training=False, axis=axes,
                             momentum=self.momentum, epsilon=self.epsilon, mask=mask,
                             dtype=self.dtype)
         return y
+
+    def _clipping(self, step: Any) -> Mapping[str, Any] | None:
+        """The renorm clipping for this step; a schedule counts steps in ``renorm_step``."""
+        if step is None:
+            return None if self.renorm_clipping is None else dict(self.renorm_clipping)
+        clipping = self.renorm_clipping(step.value)
+        step.value = step.value + 1
+        return clipping
+
+    def _sow_penalties(self, params: Mapping[str, Array]) -> None:
+        """Keras weight regularization: sows the penalty into ``losses`` (once per layer)."""
+        K.get_regularizer(self.scale_regularizer, name="scale_regularizer")
+        K.get_regularizer(self.bias_regularizer, name="bias_regularizer")
+        if self.frozen or self.is_initializing() or not self.is_mutable_collection("losses"):
+            return
+        if self.scale_regularizer is None and self.bias_regularizer is None:
+            return
+        penalty = K.regularization_penalty(params, self.scale_regularizer,
+                                           self.bias_regularizer)
+        self.sow("losses", "regularization", penalty, init_fn=lambda: 0.0,
+                 reduce_fn=lambda _, new: new)
 
     def _stat(self, name: str, init: Initializer, feature_shape: tuple[int, ...]) -> Any:
         """Declares a moving statistic and checks it against the input's feature shape."""
