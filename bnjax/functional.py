@@ -15,6 +15,7 @@ channels-last case.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -170,11 +171,17 @@ def _local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
         count = jnp.sum(mask, axis=red, dtype=dt)
         count = jnp.broadcast_to(count.reshape([mask.shape[a] for a in axes]), shift.shape)
     shift = lax.stop_gradient(shift)
-    d = x.astype(dt) - _to_input_shape(shift, x.ndim, axes)
+    # Each sum recomputes ``x - shift`` inside its own reduction, reading only ``x``. With one
+    # shared difference XLA (CPU) writes it out as a full-size temporary for the two sums to
+    # read, which costs more than reading ``x`` twice; two copies of the shift that XLA cannot
+    # merge (the barrier is free on a per-feature vector) keep the differences fused.
+    shift_1, shift_2 = lax.optimization_barrier((shift, shift))
+    d1 = x.astype(dt) - _to_input_shape(shift_1, x.ndim, axes)
+    d2 = x.astype(dt) - _to_input_shape(shift_2, x.ndim, axes)
     if mask is not None:
-        d = jnp.where(mask, d, 0)
-    s1 = jnp.sum(d, axis=red)
-    s2 = jnp.sum(d * d, axis=red)
+        d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
+    s1 = jnp.sum(d1, axis=red)
+    s2 = jnp.sum(d2 * d2, axis=red)
     return jnp.stack([count, shift, s1, s2])
 
 
@@ -188,13 +195,18 @@ def _combine_sums(sums: Array) -> Moments:
     n, shift, s1, s2 = sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3]
     has = n > 0
     safe_n = jnp.where(has, n, 1)
-    part_mean = shift + s1 / safe_n
+    # Part means as offsets from one reference value (the shift of the first part with
+    # values): with a large |mean| / std the offsets stay small, so their spread keeps its
+    # digits (the part means themselves would be rounded to the precision of the mean).
+    ref = jnp.take_along_axis(shift, jnp.argmax(has, axis=0)[None], axis=0)[0]
+    part_dev = (shift - ref) + s1 / safe_n
     part_m2 = jnp.maximum(s2 - s1 * s1 / safe_n, 0)
     total = jnp.sum(n, axis=0)
     safe_total = jnp.where(total > 0, total, 1)
-    mean = jnp.sum(jnp.where(has, n * part_mean, 0), axis=0) / safe_total
-    spread = jnp.where(has, n * jnp.square(part_mean - mean), 0)
+    dev = jnp.sum(jnp.where(has, n * part_dev, 0), axis=0) / safe_total
+    spread = jnp.where(has, n * jnp.square(part_dev - dev), 0)
     var = (jnp.sum(jnp.where(has, part_m2, 0), axis=0) + jnp.sum(spread, axis=0)) / safe_total
+    mean = jnp.where(total > 0, ref + dev, 0)
     return Moments(mean, jnp.maximum(var, 0), total)
 
 
@@ -204,7 +216,48 @@ def _gather_sums(
     """One collective: every device receives every device's sums (or its group's)."""
     if axis_name is None:
         return local[None]
+    _check_axis(axis_name, axis_index_groups)
+    names = frozenset(_axis_names(axis_name))
+    if axis_index_groups is None and names <= _vma(local) and _HAS_GATHER_TO:
+        # Under jax.shard_map the gathered sums are the same on every device: say so, so that
+        # the statistics (and the moving averages) are typed as replicated across the axis.
+        return lax.all_gather(local, axis_name, tiled=False, to="invarying")
     return lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups, tiled=False)
+
+
+_HAS_GATHER_TO = "to" in inspect.signature(lax.all_gather).parameters
+
+
+def _axis_names(axis_name: str | Sequence[str]) -> tuple[Any, ...]:
+    return tuple(axis_name) if isinstance(axis_name, list | tuple) else (axis_name,)
+
+
+def _check_axis(axis_name: str | Sequence[str], axis_index_groups: Any) -> None:
+    """Trace-time check: the axis name is bound and the groups partition it evenly."""
+    size = 1
+    for name in _axis_names(axis_name):
+        try:
+            size *= lax.axis_size(name)
+        except NameError:
+            raise ValueError(
+                f"axis_name={axis_name!r} is not bound here: {name!r} must be the axis_name of "
+                "an enclosing jax.pmap, jax.vmap, flax.linen.vmap or the mesh axis of a "
+                "jax.shard_map. Use axis_name=None under plain jax.jit (sharded inputs give "
+                "global statistics there without it)."
+            ) from None
+    if axis_index_groups is None:
+        return
+    try:
+        groups = [[int(i) for i in g] for g in axis_index_groups]
+    except TypeError:
+        groups = []
+    flat = sorted(i for g in groups for i in g)
+    if not groups or flat != list(range(size)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"axis_index_groups={axis_index_groups!r} does not partition the {size} indices of "
+            f"axis_name={axis_name!r} into groups of equal size; every index 0..{size - 1} must "
+            "appear in exactly one group, e.g. [[0, 1], [2, 3], ...]."
+        )
 
 
 def moments(
@@ -370,10 +423,13 @@ def _train_forward_bwd(axes, epsilon, axis_name, groups, out_dtype, res, cts):
     bshape = functools.partial(_to_input_shape, ndim=x.ndim, axes=axes)
     r = lax.rsqrt(stats.var + epsilon)
     g = jnp.ones_like(r) if scale is None else scale.astype(dt)
-    xc = x.astype(dt) - bshape(stats.mean)
+    # x - mean is recomputed in the reduction and in dx rather than stored (see _local_sums):
+    # separate copies of the mean keep XLA from merging the two into one written temporary.
+    mean_1, mean_2 = lax.optimization_barrier((stats.mean, stats.mean))
     dy = dy.astype(dt)
     sum_dy = jnp.sum(dy, axis=red)
-    sum_dy_xc = jnp.sum(dy * xc, axis=red)
+    sum_dy_xc = jnp.sum(dy * (x.astype(dt) - bshape(mean_1)), axis=red)
+    xc = x.astype(dt) - bshape(mean_2)
     local = jnp.stack([sum_dy, sum_dy_xc])
     dmean = dstats.mean.astype(dt)
     dvar = dstats.var.astype(dt)
@@ -391,10 +447,39 @@ def _train_forward_bwd(axes, epsilon, axis_name, groups, out_dtype, res, cts):
     if mask is not None:
         # Masked-out values take no part in the statistics: only their direct path remains.
         dx = jnp.where(mask, dx, bshape(g * r) * dy)
-    dscale = None if scale is None else (sum_dy_xc * r).astype(scale.dtype)
-    dbias = None if bias is None else sum_dy.astype(bias.dtype)
+    full = axis_name is not None and groups is None
+    dscale = None if scale is None else _match_vma(
+        sum_dy_xc * r, scale, glob[1] * r if full else None, axis_name).astype(scale.dtype)
+    dbias = None if bias is None else _match_vma(
+        sum_dy, bias, glob[0] if full else None, axis_name).astype(bias.dtype)
     dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
-    return dx.astype(x.dtype), dscale, dbias, dmask
+    return _match_vma(dx, x, None, axis_name).astype(x.dtype), dscale, dbias, dmask
+
+
+def _vma(v: Any) -> frozenset:
+    """The manual mesh axes ``v`` varies over (``jax.shard_map`` with ``check_vma``)."""
+    aval = jax.typeof(v)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def _match_vma(ct: Array, primal: Array, summed: Array | None, axis_name: Any) -> Array:
+    """Gives a cotangent the varying axes of its primal, as ``jax.shard_map`` requires.
+
+    A primal that is the same on every device (invariant, e.g. replicated parameters under
+    ``shard_map``) gets the sum of the per-device cotangents, which is what JAX's own
+    transpose of the implicit broadcast does. ``summed`` is that sum when already computed
+    over exactly ``axis_name`` (the backward's one ``psum``), so no second collective is needed.
+    Under ``pmap`` and ``vmap`` nothing is tracked and the cotangent stays per device.
+    """
+    extra = _vma(ct) - _vma(primal)
+    if extra:
+        names = set(_axis_names(axis_name)) if axis_name is not None else set()
+        ct = summed if summed is not None and extra == names else lax.psum(ct, tuple(extra))
+    missing = _vma(primal) - _vma(ct)
+    if missing:
+        ct = lax.pcast(ct, tuple(missing), to="varying")
+    return ct
 
 
 _train_forward.defvjp(_train_forward_fwd, _train_forward_bwd)
