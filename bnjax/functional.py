@@ -67,7 +67,12 @@ def canonicalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
       >>> canonicalize_axes((1, -1), 4)
       (1, 3)
     """
-    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    if isinstance(axis, int | np.integer):
+        axes = (axis,)
+    elif isinstance(axis, Sequence):
+        axes = tuple(axis)
+    else:
+        raise TypeError(f"axis={axis!r} must be an int or a tuple of ints (the feature axes).")
     if not axes:
         raise ValueError(f"axis={axis!r} is empty; pass at least one feature axis.")
     out = []
@@ -577,7 +582,7 @@ def batch_norm(
       >>> y, new = batch_norm(x, stats, training=True, epsilon=1e-6)
       >>> y.round(3).tolist()
       [[-1.0, -1.0], [1.0, 1.0]]
-      >>> new["mean"].round(4).tolist()
+      >>> [round(float(v), 4) for v in new["mean"]]
       [0.02, 0.04]
     """
     _check_input(x)
@@ -629,6 +634,12 @@ def batch_norm(
             renorm_clipping, renorm_momentum, virtual_batch_size)
     y, batch = _train_forward(x, scale, bias, m, axes, float(epsilon), axis_name,
                               _freeze_groups(axis_index_groups), out_dtype)
+    if m is not None:
+        # A feature with no valid value in the whole batch has no batch statistics: it is
+        # normalized with the moving ones, as in inference mode, and they stay unchanged.
+        moving = normalize(x, stats["mean"], stats["var"], scale, bias, axis=axes,
+                           epsilon=epsilon, dtype=out_dtype)
+        y = jnp.where(_to_input_shape(batch.count > 0, x.ndim, axes), y, moving)
     return y, update_moving_stats(stats, batch, momentum, guard=guard_non_finite)
 
 
@@ -908,6 +919,13 @@ def _train_variants(
         y = (xhat * per_feature(eff_scale) + per_feature(eff_bias)).astype(out_dtype)
     else:
         y, batch = run(scale, bias, out_dtype)
+    if mask is not None:
+        # A feature without any valid value (in a ghost batch, or in the whole batch) has no
+        # batch statistics: it is normalized with the moving ones, as in inference mode.
+        xx, ax = (xs, tuple(a + 1 for a in axes)) if ghost else (x, axes)
+        moving = normalize(xx, stats["mean"], stats["var"], scale, bias, axis=ax,
+                           epsilon=epsilon, dtype=out_dtype)
+        y = jnp.where(per_feature(batch.count > 0), y, moving)
     if ghost:
         y = y.reshape(x.shape)
         batch = _average_ghost_moments(batch)
