@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -285,7 +286,7 @@ def _load_mnist1d(data_dir: str) -> dict[str, np.ndarray]:
         try:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in keys}
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # A damaged cache (e.g. an interrupted write): make it again.
     from mnist1d.data import get_dataset_args, make_dataset
 

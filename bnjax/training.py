@@ -621,7 +621,7 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 # Fields that may differ between an interrupted run and its resumption (they do not change
 # the numbers a run produces).
 _RESUME_FREE_FIELDS = ("stop_after_steps", "progress_bar", "data_dir", "keep_checkpoints",
-                       "checkpoint_every_steps")
+                       "checkpoint_every_steps", "precise_bn_batches", "export_folded")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -680,10 +680,12 @@ def _config_fields() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "keep_checkpoints": int_at_least(1),
         "progress_bar": (lambda v: isinstance(v, bool), "True or False"),
         "stop_after_steps": int_at_least(0),
+        "precise_bn_batches": int_at_least(0),
+        "export_folded": (lambda v: isinstance(v, bool), "True or False"),
     }
 
 
-_OPTIONAL_FIELDS = ("with_bn",)
+_OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded")
 
 
 def resolved_norm(config: Any) -> str:
@@ -727,29 +729,33 @@ def validate_config(config: Any, *, num_devices: int | None = None) -> None:
               for k in keys if k not in fields]
     errors += [f"config.{k}: missing" for k in fields
                if k not in keys and k not in _OPTIONAL_FIELDS]
+    good = set()
     for k, (ok, what) in fields.items():
-        if k in keys and not ok(config[k]):
-            errors.append(f"config.{k}={config[k]!r}: must be {what}")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        if k in keys:
+            if ok(config[k]):
+                good.add(k)
+            else:
+                errors.append(f"config.{k}={config[k]!r}: must be {what}")
+    # Checks across fields, for the fields that passed their own check.
     n = jax.device_count() if num_devices is None else int(num_devices)
     for k in ("batch_size", "eval_batch_size"):
-        if config[k] % n:
+        if k in good and config[k] % n:
             errors.append(
                 f"config.{k}={config[k]}: must be divisible by the {n} devices the batch is "
                 f"split across (e.g. {max(n, config[k] - config[k] % n)})")
-    if config.get("with_bn") is True and config.norm == "none":
+    if config.get("with_bn") is True and config.get("norm") == "none":
         errors.append("config.with_bn=True contradicts config.norm='none'")
-    if config.warmup_epochs > config.num_epochs:
+    if {"warmup_epochs", "num_epochs"} <= good and config.warmup_epochs > config.num_epochs:
         errors.append(f"config.warmup_epochs={config.warmup_epochs!r}: must be <= "
                       f"config.num_epochs={config.num_epochs}")
-    from bnjax import models as models_lib
+    if {"model", "norm", "model_kwargs"} <= good:
+        from bnjax import models as models_lib
 
-    try:
-        models_lib.create_model(config.model, num_classes=10, norm=resolved_norm(config),
-                                **dict(config.model_kwargs))
-    except (TypeError, ValueError) as e:
-        errors.append(f"config.model_kwargs={dict(config.model_kwargs)!r}: {e}")
+        try:
+            models_lib.create_model(config.model, num_classes=10, norm=resolved_norm(config),
+                                    **dict(config.model_kwargs))
+        except (TypeError, ValueError) as e:
+            errors.append(f"config.model_kwargs={dict(config.model_kwargs)!r}: {e}")
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -1025,7 +1031,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     elapsed0 = float(meta["elapsed_s"]) - time.time()
     interrupted = False
     if is_main:
-        how = " (data parallel, synchronized BN)" if data_parallel else ""
+        how = ""
+        if data_parallel:
+            how = " (data parallel, synchronized BN)" if norm == "batch" else " (data parallel)"
         print(f"Training {config.model} (norm={norm}) on {config.dataset}: "
               f"{len(ds.train)} train / {len(ds.test)} test examples, "
               f"{config.num_epochs} epochs x {spe} steps, batch {config.batch_size} on "
@@ -1142,4 +1150,29 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
               f"{result['test_loss']:.4f}) after {result['step']} steps; "
               f"{time.time() - t_start:.1f} s in this process; outputs in {workdir}",
               flush=True)
+    # Inference tools on the final model (bnjax.inference): PreciseBN, folded export.
+    from bnjax import inference
+
+    host = unreplicate(state) if data_parallel else state
+    variables = {"params": host.params, "batch_stats": host.batch_stats}
+    if config.get("precise_bn_batches", 0) and host.batch_stats and process_count == 1:
+        batches = (b["x"].reshape((-1,) + b["x"].shape[2:]) for b in data_lib.train_batches(
+            ds, batch_size=config.batch_size, seed=config.seed, epoch=config.num_epochs,
+            num_local_devices=n_local))
+        variables = inference.precise_batch_stats(model, variables, batches,
+                                                  config.precise_bn_batches)
+        bs = variables["batch_stats"]
+        state = state.replace(batch_stats=replicate(bs) if data_parallel else bs)
+        result.update({f"test_{k}_precise_bn": v for k, v in evaluate(ds.test).items()})
+        print(f"PreciseBN ({config.precise_bn_batches} batches): test accuracy "
+              f"{result['test_accuracy_precise_bn']:.4f} (moving averages: "
+              f"{result['test_accuracy']:.4f})", flush=True)
+    elif config.get("precise_bn_batches", 0) and host.batch_stats:
+        print("config.precise_bn_batches: skipped (several processes)", flush=True)
+    if config.get("export_folded", False) and is_main:
+        report = inference.export_folded_model(model, variables, ds.normalize(ds.test.x[:8]),
+                                               os.path.join(workdir, "folded"))
+        result["folded_export"] = report["path"]
+        print(f"Exported the folded model ({len(report['folded'])} batch norms folded, "
+              f"{len(report['kept'])} kept) to {report['path']}", flush=True)
     return result
