@@ -47,4 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.progress_bar = True
     config.stop_after_steps = 0  # stop (as if interrupted) after N steps; 0: never
+
+    # Inference tools at the end of training (bnjax.inference).
+    config.precise_bn_batches = 0  # > 0: PreciseBN population statistics over N train batches
+    config.export_folded = False  # write <workdir>/folded/ (BN folded, serialized jax.export)
     return config

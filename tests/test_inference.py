@@ -7,6 +7,7 @@ folding, and float64 NumPy re-implementations of small models for the statistics
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -394,3 +395,38 @@ def test_mc_batch_norm_errors():
         pv = plain.init(jax.random.key(0), jnp.ones((2, 3)))
         bnjax.mc_batch_norm_predict(plain, {**pv, "batch_stats": {"x": jnp.ones(2)}},
                                     jnp.ones((2, 3)), [jnp.ones((2, 3))], call_kwargs={})
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and the training program's switches.
+
+
+def test_export_folded_model_round_trip(tmp_path):
+    model = ChainNet()
+    x = jax.random.normal(jax.random.key(0), (3, 10, 10, 3))
+    variables = _init(model, x, 9)
+    report = bnjax.export_folded_model(model, variables, x, str(tmp_path))
+    assert len(report["folded"]) == 3 and report["kept"] == []
+    exported = jax.export.deserialize(bytearray((tmp_path / "folded_model.jax_export")
+                                                .read_bytes()))
+    x2 = jax.random.normal(jax.random.key(1), (5, 10, 10, 3))  # another batch size
+    _assert_rel_close(exported.call(x2), _apply(model, variables, x2, training=False), 1e-5)
+    assert (tmp_path / "fold_report.json").exists()
+
+
+def test_training_config_switches(tmp_path):
+    training = pytest.importorskip("bnjax.training")
+    config = training.load_config("tiny")
+    config.update(num_epochs=1, max_train_examples=128, batch_size=64, eval_batch_size=128,
+                  data_dir=str(tmp_path / "data"))
+    for field, bad in (("precise_bn_batches", -1), ("precise_bn_batches", 1.5),
+                       ("export_folded", 1)):
+        broken = ml_collections.ConfigDict({**config.to_dict(), field: bad})
+        with pytest.raises(ValueError, match=f"config.{field}"):
+            training.validate_config(broken, num_devices=1)
+    config.update(precise_bn_batches=1, export_folded=True)
+    result = training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert 0.0 <= result["test_accuracy_precise_bn"] <= 1.0
+    assert np.isfinite(result["test_loss_precise_bn"])
+    assert result["folded_export"].endswith("folded_model.jax_export")
+    assert (tmp_path / "run" / "folded" / "fold_report.json").exists()
