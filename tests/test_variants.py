@@ -341,6 +341,8 @@ def test_ghost_masked_examples_and_empty_ghost_batch():
                                rtol=1e-5)
     np.testing.assert_allclose(np.asarray(y[:2]), (x[:2] - mu0) / np.sqrt(var0 + EPS),
                                rtol=1e-5, atol=1e-5)
+    # The empty ghost batch has no statistics: it is normalized with the moving ones.
+    np.testing.assert_allclose(np.asarray(y[2:4]), x[2:4] / np.sqrt(1 + EPS), rtol=1e-5)
 
 
 def test_ghost_in_linen_and_inference_ignores_it():
@@ -502,3 +504,45 @@ def test_regularizer_and_constraint_name_errors():
                                                      training=False)
     with pytest.raises(ValueError, match="not a constraint"):
         K.get_constraint("positive")
+
+
+# ------------------------------------------------------------------------------------------
+# Normalization choices of the model zoo.
+
+
+def test_zoo_norm_choices_and_batch_dependence():
+    import ml_collections
+
+    from bnjax import models
+
+    assert set(models.NORMS) == {"batch", "renorm", "ghost", "group", "layer", "none"}
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
+    x2 = x.at[2:].set(x[2:] * 5.0 + 3.0)  # change the last two examples only
+    options = ml_collections.ConfigDict({"ghost": {"virtual_batch_size": 2},
+                                         "group": {"num_groups": 4}})
+    for norm in models.NORMS:
+        model = models.create_model("mlp", num_classes=3, norm=norm, hidden=(6,),
+                                    norm_kwargs=options)
+        variables = model.init(jax.random.key(0), x, training=False)
+        y1, _ = model.apply(variables, x, training=True, mutable=["batch_stats"])
+        y2, _ = model.apply(variables, x2, training=True, mutable=["batch_stats"])
+        same = np.allclose(np.asarray(y1[:2]), np.asarray(y2[:2]), atol=1e-6)
+        # The first two examples see the others only through batch statistics.
+        assert same == (norm in ("ghost", "group", "layer", "none")), norm
+        has_stats = "batch_stats" in variables
+        assert has_stats == (norm in ("batch", "renorm", "ghost")), norm
+        if norm == "renorm":
+            assert "renorm_step" in variables["batch_stats"]["BatchNorm_0"]
+
+
+def test_zoo_group_norm_groups_divide_channels():
+    from bnjax import models
+
+    x = np.random.default_rng(13).normal(size=(3, 100))
+    layer = models.make_norm("group")  # 8 groups asked for, gcd(8, 100) = 4 used
+    variables = layer.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+    y = layer.apply(variables, jnp.asarray(x, jnp.float32), training=True)
+    g = x.reshape(3, 4, 25)
+    ref = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + EPS))
+    np.testing.assert_allclose(np.asarray(y), ref.reshape(3, 100), rtol=1e-4, atol=1e-4)
