@@ -6,8 +6,9 @@ Command (from the repository root):
 
 or, equivalently, ``python train.py --config configs/default.py --workdir runs/default``.
 
-Expected result: about 20 s of training on 2 CPU cores (under 2 minutes in all, with start-up
-and data generation), final test accuracy about 0.97 (>= 0.94, the MNIST-1D paper's CNN).
+Expected result (measured): final test accuracy 0.974 after 20 epochs (>= 0.94, the paper's
+CNN), in under 40 s on 2 CPU cores from a cold start (data generation and compilation
+included); the printed last line is "Final test accuracy: 0.9740 ...".
 Every field below is checked at start-up; `python train.py --helpfull` lists the flags.
 """
 
