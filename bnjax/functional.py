@@ -176,13 +176,13 @@ def _local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
         count = jnp.sum(mask, axis=red, dtype=dt)
         count = jnp.broadcast_to(count.reshape([mask.shape[a] for a in axes]), shift.shape)
     shift = lax.stop_gradient(shift)
-    # Each sum recomputes ``x - shift`` inside its own reduction, reading only ``x``. With one
-    # shared difference XLA (CPU) writes it out as a full-size temporary for the two sums to
-    # read, which costs more than reading ``x`` twice; two copies of the shift that XLA cannot
-    # merge (the barrier is free on a per-feature vector) keep the differences fused.
-    shift_1, shift_2 = lax.optimization_barrier((shift, shift))
-    d1 = x.astype(dt) - _to_input_shape(shift_1, x.ndim, axes)
-    d2 = x.astype(dt) - _to_input_shape(shift_2, x.ndim, axes)
+    # Each sum recomputes ``x - shift`` (and the cast of a half-precision ``x``) inside its own
+    # reduction, reading only ``x``. With one shared difference or cast, XLA (CPU) writes it
+    # out as a full-size temporary for the two sums to read, which costs more than reading
+    # ``x`` twice. Copies that XLA cannot merge keep both fused; the barrier moves no data.
+    x_1, x_2, shift_1, shift_2 = lax.optimization_barrier((x, x, shift, shift))
+    d1 = x_1.astype(dt) - _to_input_shape(shift_1, x.ndim, axes)
+    d2 = x_2.astype(dt) - _to_input_shape(shift_2, x.ndim, axes)
     if mask is not None:
         d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
     s1 = jnp.sum(d1, axis=red)
@@ -428,12 +428,13 @@ def _train_forward_bwd(axes, epsilon, axis_name, groups, out_dtype, res, cts):
     bshape = functools.partial(_to_input_shape, ndim=x.ndim, axes=axes)
     r = lax.rsqrt(stats.var + epsilon)
     g = jnp.ones_like(r) if scale is None else scale.astype(dt)
-    # x - mean is recomputed in the reduction and in dx rather than stored (see _local_sums):
-    # separate copies of the mean keep XLA from merging the two into one written temporary.
-    mean_1, mean_2 = lax.optimization_barrier((stats.mean, stats.mean))
+    # x - mean and the casts are recomputed in each reduction and in dx rather than stored
+    # (see _local_sums): separate copies keep XLA from merging them into written temporaries.
+    x_1, dy_1, dy_2, mean_1, mean_2 = lax.optimization_barrier(
+        (x, dy, dy, stats.mean, stats.mean))
+    sum_dy = jnp.sum(dy_1.astype(dt), axis=red)
+    sum_dy_xc = jnp.sum(dy_2.astype(dt) * (x_1.astype(dt) - bshape(mean_1)), axis=red)
     dy = dy.astype(dt)
-    sum_dy = jnp.sum(dy, axis=red)
-    sum_dy_xc = jnp.sum(dy * (x.astype(dt) - bshape(mean_1)), axis=red)
     xc = x.astype(dt) - bshape(mean_2)
     local = jnp.stack([sum_dy, sum_dy_xc])
     dmean = dstats.mean.astype(dt)
