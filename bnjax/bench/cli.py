@@ -86,6 +86,9 @@ def format_report(result: dict[str, Any]) -> str:
     lines.append("Machine: " + ", ".join(
         f"{k} {env[k]}" for k in ("device", "cpu", "cores", "cores_usable", "memory_gib",
                                   "jax", "jaxlib", "flax", "python") if k in env))
+    if env.get("malloc_env"):
+        lines.append("Allocator settings: " + " ".join(
+            f"{k}={v}" for k, v in env["malloc_env"].items()))
     if "load_average_end" in meta:
         lines.append(f"Load average (1/5/15 min) at start {env.get('load_average')}, "
                      f"at end {meta['load_average_end']}")

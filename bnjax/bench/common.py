@@ -43,7 +43,8 @@ def environment() -> dict[str, Any]:
 
     Returns:
       A JSON-ready dict: device, JAX/jaxlib/Flax versions, CPU model, core counts, memory,
-      ``XLA_FLAGS`` and the load average (1, 5, 15 min) at the time of the call.
+      ``XLA_FLAGS``, the glibc ``MALLOC_*`` settings and the load average (1, 5, 15 min) at
+      the time of the call.
 
     Example:
       >>> env = environment()
@@ -71,6 +72,7 @@ def environment() -> dict[str, Any]:
         "memory_gib": _memory_gib(),
         "os": platform.platform(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
 
