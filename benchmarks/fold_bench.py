@@ -3,7 +3,7 @@
 Usage (from the repository root):
 
     python benchmarks/fold_bench.py                       # batch 256, 32x32x3, 20 runs
-    python benchmarks/fold_bench.py --reps 40 --out fold_bench.json
+    python benchmarks/fold_bench.py --reps 40 --out bench_results/fold_bench.json
     python benchmarks/fold_bench.py --quick               # smoke test: tiny shapes, meaningless
 
 Both variants are jitted and compiled ahead of time; then the two are timed in one loop,
@@ -58,7 +58,8 @@ def _quantiles(ts: list[float]) -> dict[str, float]:
             "p75_ms": 1e3 * float(q[2]), "min_ms": 1e3 * min(ts), "n": len(ts)}
 
 
-def run(batch: int, size: int, reps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
+def run(batch: int, size: int, reps: int, warmup: int, seed: int = 0,
+        eager: bool = False) -> dict[str, Any]:
     """Builds, folds, checks and times ResNet-20; returns the results as a dict."""
     model = create_model("resnet20", num_classes=10)
     x = jax.random.normal(jax.random.key(seed + 1), (batch, size, size, 3), jnp.float32)
@@ -72,6 +73,10 @@ def run(batch: int, size: int, reps: int, warmup: int, seed: int = 0) -> dict[st
 
     fns = {"unfolded": (compile_eval(model, variables), variables),
            "folded": (compile_eval(folded, fvars), fvars)}
+    if eager:
+        # Op by op (no jit): nothing fuses the batch-norm arithmetic into the convolutions.
+        fns["unfolded, op by op"] = (lambda v, x: model.apply(v, x, training=False), variables)
+        fns["folded, op by op"] = (lambda v, x: folded.apply(v, x, training=False), fvars)
     outs = {k: np.asarray(f(v, x)) for k, (f, v) in fns.items()}
     rel_err = float(np.abs(outs["folded"] - outs["unfolded"]).max()
                     / np.abs(outs["unfolded"]).max())
@@ -101,6 +106,9 @@ def run(batch: int, size: int, reps: int, warmup: int, seed: int = 0) -> dict[st
         "results": results,
         "speedup_median_ratio": results["unfolded"]["median_ms"] / results["folded"]["median_ms"],
         "speedup_paired_median": statistics.median(paired),
+        "op_by_op_speedup_median_ratio": (
+            results["unfolded, op by op"]["median_ms"] / results["folded, op by op"]["median_ms"]
+            if eager else None),
         "environment": {
             "jax": jax.__version__, "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
@@ -117,13 +125,16 @@ def format_table(r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {v['median_ms']:.1f} | {v['p25_ms']:.1f} | "
                      f"{v['p75_ms']:.1f} | {v['images_per_s']:.0f} |")
     shape = "x".join(map(str, r["input_shape"]))
+    eager = r["op_by_op_speedup_median_ratio"]
     return (f"ResNet-20 eval, input {shape} {r['dtype']}, {r['environment']['backend']} "
             f"({r['environment']['cpu_count']} cores), median of {r['reps']} interleaved runs\n\n"
             + "\n".join(lines)
             + f"\n\nfolded {r['folded_pairs']} batch norms ({len(r['kept'])} kept); "
             f"speedup (unfolded / folded median) {r['speedup_median_ratio']:.2f}x, "
-            f"median of paired ratios {r['speedup_paired_median']:.2f}x; "
-            f"max relative difference of the outputs {r['max_rel_err_folded_vs_unfolded']:.1e}")
+            f"median of paired ratios {r['speedup_paired_median']:.2f}x"
+            + (f"; op by op (no jit) {eager:.2f}x" if eager else "")
+            + "; max relative difference of the outputs "
+            f"{r['max_rel_err_folded_vs_unfolded']:.1e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,16 +144,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32, help="image height and width (CIFAR: 32)")
     p.add_argument("--reps", type=int, default=20, help="timed runs per variant (>= 20)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default="fold_bench.json", help="JSON output file")
+    p.add_argument("--out", default="bench_results/fold_bench.json", help="JSON output file")
     p.add_argument("--quick", action="store_true", help="tiny smoke test; figures meaningless")
+    p.add_argument("--eager", action="store_true",
+                   help="also time op-by-op execution (no jit) of both variants")
     a = p.parse_args(argv)
     if a.quick:
         a.batch, a.size, a.reps, a.warmup = 8, 8, 3, 1
     elif a.reps < 20:
         p.error(f"--reps={a.reps}: use at least 20 runs (or --quick for a smoke test)")
-    r = run(a.batch, a.size, a.reps, a.warmup)
+    r = run(a.batch, a.size, a.reps, a.warmup, eager=a.eager)
     r["quick"] = a.quick
     print(format_table(r))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(r, f, indent=2)
     print(f"\nwrote {a.out}")

@@ -4,7 +4,7 @@ Usage (from the repository root):
 
     python benchmarks/inference_eval.py                  # configs/default.py (MNIST-1D)
     python benchmarks/inference_eval.py --config configs/default.py \
-        --workdir runs/inference_eval --num_samples 32 --out inference_eval.json
+        --workdir runs/inference_eval --num_samples 32 --out bench_results/inference_eval.json
 
 Trains the config's model with ``bnjax.training.train_and_evaluate`` into ``--workdir`` (an
 existing finished run there is reused), restores the final parameters and moving statistics
@@ -91,10 +91,14 @@ def _stat_differences(moving: Any, precise: Any) -> dict[str, float]:
             "mean_diff_in_std_max": float(mean_std.max())}
 
 
-def run(config_path: str, workdir: str, num_samples: int, seed: int) -> dict[str, Any]:
+def run(config_path: str, workdir: str, num_samples: int, seed: int,
+        num_epochs: int = 0) -> dict[str, Any]:
     """Trains (or reuses) the run, then measures the inference tools; returns the figures."""
     config = training.load_config(config_path)
     config.progress_bar = False
+    if num_epochs:
+        config.num_epochs = num_epochs
+        config.warmup_epochs = min(config.warmup_epochs, num_epochs)
     t0 = time.time()
     train_result = training.train_and_evaluate(config, workdir)
     train_s = time.time() - t0
@@ -121,6 +125,7 @@ def run(config_path: str, workdir: str, num_samples: int, seed: int) -> dict[str
 
     out: dict[str, Any] = {
         "config": config_path, "workdir": workdir, "model": config.model,
+        "num_epochs": config.num_epochs, "train_steps": train_result.get("step"),
         "dataset": config.dataset, "train_seconds": train_s,
         "train_result_test_accuracy": train_result.get("test_accuracy"),
         "num_train_batches": len(train_batches), "batch_size": bs,
@@ -191,7 +196,8 @@ def format_table(r: dict[str, Any]) -> str:
     b = ["| uncertainty score | AUROC (shuffled vs test) |", "|---|---|"] + [
         f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in r["auroc"].items()]
     d = r["precise_vs_moving"]
-    return (f"{r['model']} on {r['dataset']} ({r['config']}):\n\n" + "\n".join(a) + "\n\n"
+    return (f"{r['model']} on {r['dataset']} ({r['config']}, {r['num_epochs']} epochs, "
+            f"{r['train_steps']} steps):\n\n" + "\n".join(a) + "\n\n"
             + "moving vs precise statistics: variance differs by "
             f"{100 * d['var_rel_diff_median']:.2f}% "
             f"(median over channels; max {100 * d['var_rel_diff_max']:.1f}%), mean by "
@@ -208,10 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="runs/inference_eval")
     p.add_argument("--num_samples", type=int, default=32, help="MCBN samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="inference_eval.json")
+    p.add_argument("--num_epochs", type=int, default=0,
+                   help="override the config's number of epochs (0: keep it)")
+    p.add_argument("--out", default="bench_results/inference_eval.json")
     a = p.parse_args(argv)
-    r = run(a.config, a.workdir, a.num_samples, a.seed)
+    r = run(a.config, a.workdir, a.num_samples, a.seed, a.num_epochs)
     print(format_table(r))
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(r, f, indent=2)
     print(f"\nwrote {a.out}")
