@@ -1151,6 +1151,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
               f"{time.time() - t_start:.1f} s in this process; outputs in {workdir}",
               flush=True)
     # Inference tools on the final model (bnjax.inference): PreciseBN, folded export.
+    if not (config.get("precise_bn_batches", 0) or config.get("export_folded", False)):
+        return result
     from bnjax import inference
 
     host = unreplicate(state) if data_parallel else state
