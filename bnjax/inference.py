@@ -856,7 +856,9 @@ def precise_batch_stats(
 
     Returns:
       A copy of ``variables`` whose ``batch_stats`` hold the population statistics of every
-      recognised batch-norm layer (others are left unchanged, with a warning).
+      recognised batch-norm layer (others are left unchanged, with a warning). Only ``mean``
+      and ``var`` are replaced, the statistics inference uses; other statistics a layer keeps
+      (batch renormalization's ``std``, ``renorm_mean``, ``renorm_std``) stay as they are.
 
     Raises:
       ValueError: ``num_batches`` < 1, no batches, batches of differing or unusable shapes,

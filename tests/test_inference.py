@@ -158,21 +158,24 @@ def test_folded_jaxpr_has_no_batch_norm_arithmetic():
 
 
 ZOO = [
-    ("cnn1d", (3, 40), 5),
-    ("mlp", (3, 40), 3),
-    ("resnet20", (2, 8, 8, 3), 19),
-    ("kmnist_cnn", (2, 12, 12, 1), 0),
+    ("cnn1d", "batch", (3, 40), 5),
+    ("cnn1d", "renorm", (3, 40), 5),  # batch renorm infers with mean/var like batch norm
+    ("mlp", "batch", (3, 40), 3),
+    ("resnet20", "batch", (2, 8, 8, 3), 19),
+    ("kmnist_cnn", "batch", (2, 12, 12, 1), 0),
 ]
 
 
-@pytest.mark.parametrize("name,shape,num_folded", ZOO, ids=[z[0] for z in ZOO])
-def test_fold_model_zoo(name, shape, num_folded):
+@pytest.mark.parametrize("name,norm,shape,num_folded", ZOO,
+                         ids=[f"{z[0]}-{z[1]}" for z in ZOO])
+def test_fold_model_zoo(name, norm, shape, num_folded):
     models = pytest.importorskip("bnjax.models")
-    model = models.create_model(name, num_classes=10)
+    model = models.create_model(name, num_classes=10, norm=norm)
     x = jax.random.normal(jax.random.key(0), shape)
     variables = _init(model, x, 4)
     folded, fv = bnjax.fold_batch_norm(model, variables, x)
-    num_bn = len(jax.tree.leaves(variables["batch_stats"])) // 2  # mean and var per layer
+    num_bn = sum(1 for p in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
+                 if p[0][-1].key == "mean")
     assert len(folded.folded) == num_folded
     assert len(folded.kept) == num_bn - num_folded
     for _, reason in folded.kept:  # kmnist_cnn: every norm follows a relu or a pooling
