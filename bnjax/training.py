@@ -822,6 +822,20 @@ def _make_optimizer(config: Any, steps_per_epoch: int) -> optax.GradientTransfor
     return base
 
 
+def _host_first(tree: Any) -> Any:
+    """The first local replica of every leaf of a pmap output, as NumPy.
+
+    Copies this process's first shard to the host without running a computation: with several
+    processes, an eager op here could wait behind the other processes' collectives.
+    """
+    def one(a: Any) -> Any:
+        if isinstance(a, jax.Array):
+            return np.asarray(a.addressable_data(0))[0]
+        return np.asarray(a)[0]
+
+    return jax.tree.map(one, tree)
+
+
 def _config_dict(config: Any) -> dict[str, Any]:
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return json.loads(json.dumps(d, default=list))
@@ -943,15 +957,18 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         axis_name="batch" if data_parallel else None, **dict(config.model_kwargs))
     rng = jax.random.key(config.seed)
     init_rng, rng = jax.random.split(rng)
+    rng_data = np.asarray(jax.random.key_data(rng))  # saved in checkpoints
     x0 = ds.normalize(ds.train.x[:1])
     variables = jax.jit(lambda k, x: model.init(k, x, training=False))(init_rng, x0)
     tx = _make_optimizer(config, spe)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables.get("batch_stats", {}), tx=tx)
 
-    def host_tree(s: TrainState) -> dict[str, Any]:
-        return jax.device_get({"step": s.step, "params": s.params, "batch_stats": s.batch_stats,
-                               "opt_state": s.opt_state, "rng": jax.random.key_data(rng)})
+    def host_tree(s: TrainState, replicated: bool = False) -> dict[str, Any]:
+        tree = {"step": s.step, "params": s.params, "batch_stats": s.batch_stats,
+                "opt_state": s.opt_state}
+        tree = _host_first(tree) if replicated else jax.device_get(tree)
+        return {**tree, "rng": rng_data}
 
     # Checkpoints and the files of the workdir.
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -982,7 +999,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         tree, meta = restored.state, dict(restored.meta)
         state = state.replace(step=jnp.asarray(tree["step"]), params=tree["params"],
                               batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
-        rng = jax.random.wrap_key_data(jnp.asarray(tree["rng"]))
+        rng_data = np.asarray(tree["rng"])
+        rng = jax.random.wrap_key_data(jnp.asarray(rng_data))
         if is_main:
             print(f"Resuming from {os.path.join(workdir, 'checkpoints', str(latest))} "
                   f"(step {latest}, epoch {meta['epoch'] + 1}, batch {meta['batch_in_epoch']})",
@@ -1004,8 +1022,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
 
     def first(tree: Any) -> Any:
-        tree = jax.device_get(tree)
-        return jax.tree.map(lambda a: a[0], tree) if data_parallel else tree
+        return _host_first(tree) if data_parallel else jax.device_get(tree)
 
     def evaluate(split: data_lib.Split) -> dict[str, float]:
         sums = np.zeros(3)
@@ -1019,8 +1036,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
     def save(step: int) -> None:
         mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(host_tree(unreplicate(state) if data_parallel
-                                                  else state)),
+            state=ocp.args.StandardSave(host_tree(state, replicated=data_parallel)),
             meta=ocp.args.JsonSave(meta)))
         mngr.wait_until_finished()
 
