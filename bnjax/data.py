@@ -610,8 +610,16 @@ def prepare(name: str, data_dir: str) -> str:
     Needs network access (and TensorFlow for sets whose images are encoded at preparation,
     such as ``mnist``). The training program never calls this.
 
+    Args:
+      name: ``mnist1d`` or ``tfds:NAME``.
+      data_dir: folder to prepare the set in (the training program's ``data_dir``).
+
     Returns:
       The folder of the prepared set.
+
+    Example:
+      >>> prepare("tfds:kmnist", data_dir="data")  # doctest: +SKIP
+      'data/kmnist/3.0.1'
     """
     validate_dataset_name(name)
     if name == "mnist1d":

@@ -1,5 +1,6 @@
 """Every public name has a docstring with a runnable example, and the examples run."""
 
+import dataclasses
 import doctest
 import importlib
 import inspect
@@ -23,16 +24,22 @@ def test_doctests_pass(name):
 
 
 def _public_callables():
-    for name in bnjax.__all__:
-        obj = getattr(bnjax, name)
-        if inspect.isfunction(obj) or inspect.isclass(obj):
-            yield name, obj
+    """Public functions and classes defined in each bnjax module (``__all__`` where given)."""
+    for module_name in MODULES:
+        module = importlib.import_module(module_name)
+        names = getattr(module, "__all__", None) or [
+            n for n in vars(module) if not n.startswith("_")]
+        for name in names:
+            obj = getattr(module, name)
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == module_name:
+                yield f"{module_name}.{name}", obj
 
 
 @pytest.mark.parametrize("name,obj", list(_public_callables()))
 def test_public_api_has_docstring_with_example(name, obj):
     doc = inspect.getdoc(obj) or ""
-    assert doc, f"bnjax.{name} has no docstring"
-    if inspect.isclass(obj) and issubclass(obj, tuple):  # NamedTuple records
+    assert doc, f"{name} has no docstring"
+    if inspect.isclass(obj) and (issubclass(obj, tuple | Exception)
+                                 or dataclasses.is_dataclass(obj)):  # records and errors
         return
-    assert ">>>" in doc, f"bnjax.{name}'s docstring has no runnable example"
+    assert ">>>" in doc, f"{name}'s docstring has no runnable example"
