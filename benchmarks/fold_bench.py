@@ -3,7 +3,7 @@
 Usage (from the repository root):
 
     python benchmarks/fold_bench.py                       # batch 256, 32x32x3, 20 runs
-    python benchmarks/fold_bench.py --reps 40 --out bench_results/fold_bench.json
+    python benchmarks/fold_bench.py --reps 40 --out benchmarks/results/fold_bench.json
     python benchmarks/fold_bench.py --quick               # smoke test: tiny shapes, meaningless
 
 Both variants are jitted and compiled ahead of time; then the two are timed in one loop,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32, help="image height and width (CIFAR: 32)")
     p.add_argument("--reps", type=int, default=20, help="timed runs per variant (>= 20)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--out", default="bench_results/fold_bench.json", help="JSON output file")
+    p.add_argument("--out", default="benchmarks/results/fold_bench.json", help="JSON output file")
     p.add_argument("--quick", action="store_true", help="tiny smoke test; figures meaningless")
     p.add_argument("--eager", action="store_true",
                    help="also time op-by-op execution (no jit) of both variants")

@@ -4,7 +4,7 @@ Usage (from the repository root):
 
     python benchmarks/inference_eval.py                  # configs/default.py (MNIST-1D)
     python benchmarks/inference_eval.py --config configs/default.py \
-        --workdir runs/inference_eval --num_samples 32 --out bench_results/inference_eval.json
+        --workdir runs/inference_eval --num_samples 32 --out benchmarks/results/inference_eval.json
 
 Trains the config's model with ``bnjax.training.train_and_evaluate`` into ``--workdir`` (an
 existing finished run there is reused), restores the final parameters and moving statistics
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_epochs", type=int, default=0,
                    help="override the config's number of epochs (0: keep it)")
-    p.add_argument("--out", default="bench_results/inference_eval.json")
+    p.add_argument("--out", default="benchmarks/results/inference_eval.json")
     a = p.parse_args(argv)
     r = run(a.config, a.workdir, a.num_samples, a.seed, a.num_epochs)
     print(format_table(r))

@@ -3,7 +3,7 @@
 Usage (from the repository root):
 
     python benchmarks/sync_bench.py                          # cnn1d, 8 x 16 examples, 30 steps
-    python benchmarks/sync_bench.py --steps 40 --out sync_bench.json
+    python benchmarks/sync_bench.py --steps 40 --out benchmarks/results/sync_bench.json
     python benchmarks/sync_bench.py --quick                  # smoke test: few steps, meaningless
 
 The model is the project's default MNIST-1D conv net (``create_model("cnn1d")``: 4 conv + 1
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (>= 20)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="sync_bench.json", help="JSON output path")
+    p.add_argument("--out", default="benchmarks/results/sync_bench.json", help="JSON output path")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 steps, meaningless")
     args = p.parse_args(argv)
     if args.quick:
