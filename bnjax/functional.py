@@ -158,7 +158,7 @@ def _local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
 
     The shift is one value of the batch per feature (the first valid one), so the sums stay
     small even when ``|mean| / std`` is large and ``E[x^2] - E[x]^2`` would lose every digit.
-    All three sums come out of one fused reduction.
+    The two sums are two reductions that each read ``x`` once (see below).
     """
     dt = _stat_dtype(x.dtype)
     red = tuple(i for i in range(x.ndim) if i not in axes)
