@@ -17,21 +17,25 @@ class ConvNet(nn.Module):
     """A small conv model whose norm layer class is swappable; mode passed Flax-style."""
 
     norm: type
+    kw: tuple = ()  # constructor arguments of the norm layer
 
     @nn.compact
     def __call__(self, x, train: bool):
+        norm = lambda: self.norm(**dict(self.kw))  # noqa: E731
         x = nn.Conv(8, (3, 3), use_bias=False)(x)
-        x = self.norm(momentum=0.99, epsilon=1e-3)(x, use_running_average=not train)
+        x = norm()(x, use_running_average=not train)
         x = nn.relu(x)
         x = nn.Conv(6, (3, 3), strides=2)(x)
-        x = self.norm(momentum=0.99, epsilon=1e-3, axis=-1)(x, use_running_average=not train)
+        x = norm()(x, use_running_average=not train)
         x = nn.Dense(5)(nn.relu(x).mean((1, 2)))
-        return self.norm(momentum=0.99, epsilon=1e-3)(x, use_running_average=not train)
+        return norm()(x, use_running_average=not train)
 
 
 def test_swap_with_flax_batchnorm_keeps_variables_and_outputs():
     x = jax.random.normal(jax.random.key(1), (6, 10, 10, 3)) * 2 + 1
-    flax_model, bnjax_model = ConvNet(nn.BatchNorm), ConvNet(bnjax.BatchNorm)
+    # Flax's layer with Keras's hyper-parameters against bnjax's defaults
+    flax_model = ConvNet(nn.BatchNorm, (("momentum", 0.99), ("epsilon", 1e-3)))
+    bnjax_model = ConvNet(bnjax.BatchNorm)
     v_flax = flax_model.init(jax.random.key(0), x, False)
     v_ours = bnjax_model.init(jax.random.key(0), x, False)
     assert jax.tree.structure(v_flax) == jax.tree.structure(v_ours)
