@@ -6,10 +6,7 @@ the whole batch. The children are bounded in time and always killed.
 """
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -17,15 +14,10 @@ import multihost_worker as worker
 import numpy as np
 import pytest
 from bn_reference import init_variables, make_data, ref_train_step
+from processes import free_port, run_processes
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_workers(out: Path) -> list[str]:
@@ -33,33 +25,10 @@ def _run_workers(out: Path) -> list[str]:
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    port = _free_port()
-    procs = []
-    logs = []
-    try:
-        for pid in range(worker.NUM_PROCESSES):
-            log = open(out / f"log_{pid}.txt", "w+")  # noqa: SIM115
-            logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, str(HERE / "multihost_worker.py"), str(pid), str(port),
-                 str(out)], env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + TIMEOUT_S
-        for p in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                break
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        texts = []
-        for log in logs:
-            log.seek(0)
-            texts.append(log.read())
-            log.close()
-    codes = [p.returncode for p in procs]
+    port = free_port()
+    commands = [([sys.executable, str(HERE / "multihost_worker.py"), str(pid), str(port),
+                  str(out)], env) for pid in range(worker.NUM_PROCESSES)]
+    codes, texts = run_processes(commands, out, TIMEOUT_S)
     if any(c != 0 for c in codes):
         pytest.fail(f"workers exited with {codes} (timeout {TIMEOUT_S}s):\n" +
                     "\n----\n".join(t[-3000:] for t in texts))

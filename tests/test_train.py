@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tfds_fake
 from jax.experimental.compilation_cache import compilation_cache
+from processes import free_port, run_processes
 
 from bnjax import data, models, training
 
@@ -352,37 +353,16 @@ def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, compile_cach
 def test_multi_host_run_stops_and_resumes(tmp_path, compile_cache, data_dir):
     """Two processes on 127.0.0.1 (2 CPU devices each) run train.py through the documented
     environment variables; the run is stopped after step 3 and resumed to the end."""
-    import socket
-
     workdir = str(tmp_path / "run")
 
     def launch(*extra):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        procs, logs = [], []
-        try:
-            for pid in range(2):
-                env = _env(compile_cache, devices=2, BNJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                           BNJAX_NUM_PROCESSES="2", BNJAX_PROCESS_ID=str(pid))
-                log = open(tmp_path / f"log{pid}.txt", "w+")  # noqa: SIM115
-                logs.append(log)
-                procs.append(subprocess.Popen(_train_cmd(workdir, data_dir, *extra), env=env,
-                                              stdout=log, stderr=subprocess.STDOUT))
-            deadline = time.monotonic() + 120
-            for p in procs:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-            texts = []
-            for log in logs:
-                log.seek(0)
-                texts.append(log.read())
-                log.close()
-        assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
+        port = free_port()
+        commands = [(_train_cmd(workdir, data_dir, *extra),
+                     _env(compile_cache, devices=2, BNJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                          BNJAX_NUM_PROCESSES="2", BNJAX_PROCESS_ID=str(pid)))
+                    for pid in range(2)]
+        codes, texts = run_processes(commands, tmp_path, 120)
+        assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
         return texts
 
     first = launch("--config.stop_after_steps=3")

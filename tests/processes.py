@@ -1,0 +1,44 @@
+"""Starting test subprocesses that are bounded in time and always ended (shared by tests)."""
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(commands: list[tuple[list[str], dict]], log_dir: Path,
+                  timeout: float) -> tuple[list[int | None], list[str]]:
+    """Runs ``(argv, env)`` commands side by side; kills whatever is left after ``timeout`` s.
+
+    Returns each process's exit code (negative when killed) and its combined output.
+    """
+    procs, logs = [], []
+    try:
+        for i, (argv, env) in enumerate(commands):
+            log = open(log_dir / f"process_{i}.log", "w+")  # noqa: SIM115
+            logs.append(log)
+            procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        texts = []
+        for log in logs:
+            log.seek(0)
+            texts.append(log.read())
+            log.close()
+    return [p.returncode for p in procs], texts
