@@ -1,6 +1,5 @@
 """PyTorch and Keras converters: round trips, PyTorch's eval formula, the running variance."""
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -128,22 +127,13 @@ def test_torch_errors():
         convert.torch_momentum(1.5)
 
 
-def _keras():
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip("Keras runs on another backend in this process")
-    return keras
-
-
 @pytest.mark.parametrize("kw", [
     {},
     {"center": False, "momentum": 0.9, "epsilon": 1e-4},
     {"renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}, "renorm_momentum": 0.9,
      "gamma_regularizer": "l2", "beta_constraint": "non_neg"},
 ])
-def test_keras_layer_round_trip_and_inference(kw):
-    keras = _keras()
+def test_keras_layer_round_trip_and_inference(keras, kw):
     rng = np.random.default_rng(4)
     layer = keras.layers.BatchNormalization(**kw)
     layer.build((8, 3))

@@ -6,7 +6,6 @@ semantics match, and Keras' own regularizer and constraint objects.
 """
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
@@ -159,8 +158,7 @@ def test_renorm_inference_is_plain_bn():
     assert new is st
 
 
-def test_renorm_matches_keras3_layer():
-    keras = _keras()
+def test_renorm_matches_keras3_layer(keras):
     rng = np.random.default_rng(2)
     clip = {"rmin": 0.8, "rmax": 1.2, "dmax": 0.3}
     layer = keras.layers.BatchNormalization(renorm=True, renorm_clipping=clip, momentum=0.8,
@@ -376,16 +374,7 @@ def test_ghost_errors(vbs, shape, axis, err, match):
 # Keras-style regularizers and constraints.
 
 
-def _keras():
-    os.environ.setdefault("KERAS_BACKEND", "jax")
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "jax":
-        pytest.skip("Keras runs on another backend in this process")
-    return keras
-
-
-def test_regularizers_and_constraints_match_keras():
-    keras = _keras()
+def test_regularizers_and_constraints_match_keras(keras):
     w = np.random.default_rng(9).normal(size=5).astype(np.float32) * 2
     pairs = [
         (K.L1(0.3), keras.regularizers.L1(0.3)),
