@@ -628,20 +628,10 @@ def batch_norm(
             "the bias alone. Use training=False (moving statistics) or a larger batch."
         )
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-    if renorm or virtual_batch_size is not None:
-        return _train_variants(
-            x, stats, scale, bias, m, axes, float(epsilon), axis_name,
-            _freeze_groups(axis_index_groups), out_dtype, momentum, guard_non_finite, renorm,
-            renorm_clipping, renorm_momentum, virtual_batch_size)
-    y, batch = _train_forward(x, scale, bias, m, axes, float(epsilon), axis_name,
-                              _freeze_groups(axis_index_groups), out_dtype)
-    if m is not None:
-        # A feature with no valid value in the whole batch has no batch statistics: it is
-        # normalized with the moving ones, as in inference mode, and they stay unchanged.
-        moving = normalize(x, stats["mean"], stats["var"], scale, bias, axis=axes,
-                           epsilon=epsilon, dtype=out_dtype)
-        y = jnp.where(_to_input_shape(batch.count > 0, x.ndim, axes), y, moving)
-    return y, update_moving_stats(stats, batch, momentum, guard=guard_non_finite)
+    return _train(
+        x, stats, scale, bias, m, axes, float(epsilon), axis_name,
+        _freeze_groups(axis_index_groups), out_dtype, momentum, guard_non_finite, renorm,
+        renorm_clipping, renorm_momentum, virtual_batch_size)
 
 
 def _freeze_groups(groups: Any) -> Any:
@@ -855,7 +845,7 @@ def _average_ghost_moments(batch: Moments) -> Moments:
     return Moments(mean, var, jnp.sum(batch.count, axis=0))
 
 
-def _train_variants(
+def _train(
     x: Array,
     stats: Mapping[str, Array],
     scale: Array | None,
@@ -873,7 +863,7 @@ def _train_variants(
     renorm_momentum: float | Array,
     virtual_batch_size: int | None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Training-mode forward with renorm and/or ghost batches over ``_train_forward``.
+    """Training-mode forward over ``_train_forward``, plain or with renorm and/or ghost batches.
 
     Ghost batches: axis 0 is reshaped to ``(G, V)`` with ``V = virtual_batch_size``, so ghost
     batch ``k`` holds the contiguous examples ``k * V, ..., (k + 1) * V - 1``; each is
