@@ -10,7 +10,8 @@ Example:
 """
 
 from bnjax import convert as convert
-from bnjax import keras_compat as keras_compat
+from bnjax import keras as keras
+from bnjax._layer import resolve_training
 from bnjax.functional import (
     Moments,
     batch_norm,
@@ -29,8 +30,7 @@ from bnjax.inference import (
     mc_batch_norm_predict,
     precise_batch_stats,
 )
-from bnjax.keras_compat import make_constrain_fn
-from bnjax.linen import BatchNorm, resolve_training
+from bnjax.linen import BatchNorm, make_constrain_fn
 
 __version__ = "0.1.0"
 

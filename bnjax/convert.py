@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import keras_compat as K
+from bnjax import keras as K
 
 Array = jax.Array
 
@@ -257,7 +257,7 @@ _KERAS_OBJECTS = {
 
 
 def _keras_object(spec: Any, arg: str) -> Any:
-    """A serialized Keras regularizer/constraint as the matching keras_compat object."""
+    """A serialized Keras regularizer/constraint as the matching bnjax.keras object."""
     if spec is None:
         return None
     if isinstance(spec, Mapping) and spec.get("class_name") in _KERAS_OBJECTS:

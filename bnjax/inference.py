@@ -36,6 +36,7 @@ from jax.interpreters import ad, batching, mlir
 
 from bnjax import functional as F
 from bnjax.linen import BatchNorm, resolve_training
+from bnjax.stats import combine_sums
 
 Array = jax.Array
 Path = tuple[str, ...]
@@ -911,7 +912,7 @@ def precise_batch_stats(
             # Each batch's (mean, biased var, count) as sums [count, shift, s1, s2] for the
             # exact parallel combination in bnjax.functional.
             sums = jnp.stack([count, mean, jnp.zeros_like(mean), var * count], axis=1)
-            pop = F._combine_sums(sums)
+            pop = combine_sums(sums)
             new_mean, new_var = pop.mean, pop.var
         old = _get(stats, layer.path)
         _set(stats, layer.path, {**old, "mean": new_mean.astype(old["mean"].dtype),

@@ -1,9 +1,10 @@
-"""``bnjax.BatchNorm``: a flax.linen batch-norm layer with Keras semantics.
+"""``bnjax.BatchNorm``: a flax.linen batch-norm layer with Keras semantics, a Flax drop-in.
 
 The layer holds variables and chooses the mode; the arithmetic is ``bnjax.functional``.
-Variables have the names ``flax.linen.BatchNorm`` uses (``params/{scale,bias}`` and
-``batch_stats/{mean,var}``), so a model can swap one layer for the other and keep its
-checkpoint.
+It takes every field of ``flax.linen.BatchNorm`` with its Flax meaning, the same calling
+convention (``bn(x, use_running_average)``), and the same variable names
+(``params/{scale,bias}`` and ``batch_stats/{mean,var}``), so replacing ``nn.BatchNorm`` by
+``bnjax.BatchNorm`` is the whole port and checkpoints move between the two.
 """
 
 from __future__ import annotations
@@ -15,54 +16,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax import functional as F
-from bnjax import keras_compat as K
+from bnjax import keras
+from bnjax._checks import canonicalize_axes, check_input
+from bnjax._layer import check_layer, layer_batch_norm, resolve_training, stats_dtype
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-__all__ = ["BatchNorm", "resolve_training"]
-
-
-def resolve_training(
-    training: bool | None, use_running_average: bool | None, *, frozen: bool = False
-) -> bool:
-    """Turns the Keras-style and Flax-style mode arguments into one ``training`` flag.
-
-    Args:
-      training: Keras style; True uses (and updates) batch statistics.
-      use_running_average: Flax style; True uses the moving statistics.
-      frozen: a frozen layer is always in inference mode.
-
-    Returns:
-      True for training mode (batch statistics), False for inference mode.
-
-    Raises:
-      ValueError: neither argument is given (and the layer is not frozen), or both are
-        given and contradict each other.
-
-    Example:
-      >>> resolve_training(True, None), resolve_training(None, True)
-      (True, False)
-    """
-    if training is not None and use_running_average is not None:
-        if bool(training) == bool(use_running_average):
-            raise ValueError(
-                f"training={training!r} and use_running_average={use_running_average!r} "
-                "contradict each other (training=True means use_running_average=False); "
-                "pass only one of them."
-            )
-    if frozen:
-        return False
-    if training is not None:
-        return bool(training)
-    if use_running_average is not None:
-        return not bool(use_running_average)
-    raise ValueError(
-        "BatchNorm needs a mode: pass training=True (batch statistics, updates the moving "
-        "ones) or training=False (moving statistics) when calling the layer, or set "
-        "use_running_average at construction or call time (Flax style)."
-    )
+__all__ = ["BatchNorm", "make_constrain_fn", "resolve_training"]
 
 
 class BatchNorm(nn.Module):
@@ -70,38 +31,55 @@ class BatchNorm(nn.Module):
 
     Training mode normalizes with the batch mean and biased batch variance and updates
     ``moving = momentum * moving + (1 - momentum) * batch``; inference mode normalizes with the
-    moving statistics. The mode comes from ``training`` at call time (Keras style) or
-    ``use_running_average`` (Flax style, at construction or call time).
+    moving statistics. The mode comes from ``use_running_average`` (Flax style: the second
+    positional argument of the call, or the field) or the keyword-only ``training`` (Keras
+    style: ``training=True`` is ``use_running_average=False``). A call-time
+    ``use_running_average`` overrides the field; ``training`` must agree with the field when
+    both are set.
 
-    Note:
-      ``flax.linen.BatchNorm.__call__``'s second positional argument is
-      ``use_running_average``; here it is ``training``, its opposite. Pass the mode by keyword
-      when porting Flax code.
+    A drop-in for ``flax.linen.BatchNorm``: every Flax field is accepted with its Flax
+    meaning, and ``bn(x, not train)`` means what it means in Flax. The differences are
+    bnjax's defaults and where it always does better:
+
+    - ``momentum=0.99`` and ``epsilon=1e-3`` are Keras' defaults (Flax: 0.99 and 1e-5);
+      pass ``epsilon=1e-5`` to keep a Flax model's numbers.
+    - ``use_fast_variance``: the variance is always computed from shifted sums, which are
+      as fast as Flax's fast formula and stay exact where ``E[x^2] - E[x]^2`` loses every
+      digit (large ``|mean| / std``); the flag changes nothing.
+    - ``force_float32_reductions``: the batch statistics are always reduced in float32 (or
+      float64 for float64 input). With False, the moving statistics are stored in
+      ``param_dtype``, as Flax stores them; with True (default) in float32.
+    - ``dtype=None`` gives the input's dtype (Flax promotes the input with the parameters:
+      a bfloat16 input gives float32 there, bfloat16 here).
 
     A ``frozen=True`` layer follows the Keras ``trainable=False`` rule: it always runs in
-    inference mode with the moving statistics and never updates them, whatever ``training``
+    inference mode with the moving statistics and never updates them, whatever the mode
     says. To also keep its scale and bias fixed, mask them out of the optimizer, e.g.
     ``optax.multi_transform({"train": optax.adam(1e-3), "freeze": optax.set_to_zero()},
     labels)`` with ``labels`` mapping the frozen layer's params to ``"freeze"``.
 
     Attributes:
+      use_running_average: Flax-style mode (True: moving statistics), overridable at call.
       axis: feature axis or axes (int or tuple); every other axis is reduced.
       momentum: weight on the old moving value (Keras 0.99; PyTorch's 0.1 is 0.9 here).
-      epsilon: added to the variance inside the square root.
+      epsilon: added to the variance inside the square root; static, finite, > 0.
+      dtype: output dtype; defaults to the input's.
+      param_dtype: dtype of the parameters (a float dtype).
       use_bias: learn a per-feature offset (Keras ``center``).
       use_scale: learn a per-feature scale (Keras ``scale``).
       bias_init: initializer of the bias (Keras ``beta_initializer``).
       scale_init: initializer of the scale (Keras ``gamma_initializer``).
-      mean_init: initializer of the moving mean (Keras ``moving_mean_initializer``).
-      var_init: initializer of the moving variance (Keras ``moving_variance_initializer``).
       axis_name: named mapped axis for synchronized (cross-device) statistics.
       axis_index_groups: groups of ``axis_name`` synchronized separately.
-      dtype: output dtype; defaults to the input's.
-      param_dtype: dtype of the parameters and moving statistics.
+      use_fast_variance: Flax's switch; no effect (see above).
+      force_float32_reductions: Flax's switch; False stores the moving statistics in
+        ``param_dtype`` (see above).
+      mean_init: initializer of the moving mean (Keras ``moving_mean_initializer``).
+      var_init: initializer of the moving variance (Keras ``moving_variance_initializer``).
       frozen: Keras ``trainable=False``: inference mode always, no updates.
-      use_running_average: Flax-style mode, overridable at call time.
       guard_non_finite: keep a feature's moving statistics unchanged when its batch
-        statistics are not finite (a NaN or Inf batch never poisons them).
+        statistics (or the updated ones) are not finite: a NaN or Inf batch never poisons
+        them.
       renorm: batch renormalization (Ioffe, 2017), Keras 3 semantics (see
         ``bnjax.batch_norm``); adds ``batch_stats/{std,renorm_mean,renorm_std}``.
       renorm_clipping: ``{"rmin", "rmax", "dmax"}`` (any subset), or a callable
@@ -115,34 +93,36 @@ class BatchNorm(nn.Module):
         penalty is sown into the ``"losses"`` collection when that is mutable.
       bias_regularizer: Keras ``beta_regularizer``, likewise.
       scale_constraint: Keras ``gamma_constraint``; applied after each optimizer update by
-        ``bnjax.keras_compat.make_constrain_fn(model, ...)``.
+        ``bnjax.make_constrain_fn(model, ...)``.
       bias_constraint: Keras ``beta_constraint``, likewise.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> bn = BatchNorm()
       >>> x = jnp.arange(12.0).reshape(4, 3)
-      >>> variables = bn.init(jax.random.key(0), x, training=False)
-      >>> y, updates = bn.apply(variables, x, training=True, mutable=["batch_stats"])
+      >>> variables = bn.init(jax.random.key(0), x, use_running_average=True)
+      >>> y, updates = bn.apply(variables, x, False, mutable=["batch_stats"])  # as in Flax
       >>> y.shape, updates["batch_stats"]["mean"].shape
       ((4, 3), (3,))
     """
 
+    use_running_average: bool | None = None
     axis: int | Sequence[int] = -1
     momentum: float = 0.99
     epsilon: float = 1e-3
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
     bias_init: Initializer = nn.initializers.zeros
     scale_init: Initializer = nn.initializers.ones
-    mean_init: Initializer = nn.initializers.zeros
-    var_init: Initializer = nn.initializers.ones
     axis_name: str | Sequence[str] | None = None
     axis_index_groups: Any = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    mean_init: Initializer = nn.initializers.zeros
+    var_init: Initializer = nn.initializers.ones
     frozen: bool = False
-    use_running_average: bool | None = None
     guard_non_finite: bool = True
     renorm: bool = False
     renorm_clipping: Mapping[str, Any] | Callable[[Array], Mapping[str, Any]] | None = None
@@ -157,81 +137,90 @@ class BatchNorm(nn.Module):
     def __call__(
         self,
         x: Array,
-        training: bool | None = None,
-        *,
-        mask: Array | None = None,
         use_running_average: bool | None = None,
+        *,
+        training: bool | None = None,
+        mask: Array | None = None,
     ) -> Array:
         """Normalizes ``x``.
 
         Args:
           x: input ``(..., C)`` (feature axes ``self.axis``).
-          training: True for batch statistics (and moving-statistics updates), False for the
+          use_running_average: Flax style, as in ``flax.linen.BatchNorm``: True for the
+            moving statistics, False for batch statistics (and moving-statistics updates);
+            overrides the field of the same name.
+          training: Keras style, keyword only: True for batch statistics, False for the
             moving statistics.
-          mask: optional boolean shaped like ``x`` without its feature axes (or like ``x``);
-            masked-out values take no part in the statistics.
-          use_running_average: Flax-style mode; overrides the attribute of the same name.
+          mask: optional boolean shaped like ``x`` without its feature axes, or
+            broadcastable to ``x``; masked-out values take no part in anything (see
+            ``bnjax.batch_norm``).
 
         Returns:
           The normalized input, in ``self.dtype`` or the input's dtype.
         """
-        F._check_input(x)
-        F._check_hparams(self.momentum, self.epsilon)
-        ura = self.use_running_average if use_running_average is None else use_running_average
-        train = resolve_training(training, ura, frozen=self.frozen)
-        axes = F.canonicalize_axes(self.axis, x.ndim)
+        check_input(x)
+        check_layer(self)
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        train = resolve_training(training, use_running_average, frozen=self.frozen)
+        axes = canonicalize_axes(self.axis, x.ndim)
         feature_shape = tuple(x.shape[a] for a in axes)
-
-        mean = self._stat("mean", self.mean_init, feature_shape)
-        var = self._stat("var", self.var_init, feature_shape)
+        stats = self._stats(feature_shape)
         params = {}
         if self.use_scale:
             params["scale"] = self.param("scale", self.scale_init, feature_shape,
                                          self.param_dtype)
         if self.use_bias:
             params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-
-        stats = {"mean": mean.value, "var": var.value}
-        extra = {}
-        if self.renorm:
-            extra = {
-                "std": self._stat("std", lambda *_: jnp.sqrt(var.value), feature_shape),
-                "renorm_mean": self._stat("renorm_mean", lambda *_: mean.value, feature_shape),
-                "renorm_std": self._stat("renorm_std", lambda *_: jnp.sqrt(var.value),
-                                         feature_shape),
-            }
-            stats.update({k: v.value for k, v in extra.items()})
         step = None
         if self.renorm and callable(self.renorm_clipping):
             step = self.variable("batch_stats", "renorm_step", lambda: jnp.zeros((), jnp.int32))
         self._sow_penalties(params)
         # Initialization uses the moving statistics: it neither updates them nor runs a
         # collective, so `init` works outside pmap even with `axis_name` set.
-        if train and not self.is_initializing():
-            if not self.is_mutable_collection("batch_stats"):
-                raise ValueError(
-                    "BatchNorm is in training mode, which updates the moving statistics, but "
-                    "the 'batch_stats' collection is not mutable. Pass "
-                    "mutable=['batch_stats'] to apply(), e.g. "
-                    "model.apply(variables, x, training=True, mutable=['batch_stats']), "
-                    "or call with training=False."
-                )
-            y, new = F.batch_norm(
-                x, stats, params, training=True, axis=axes, momentum=self.momentum,
-                epsilon=self.epsilon, axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
-                guard_non_finite=self.guard_non_finite, renorm=self.renorm,
-                renorm_clipping=self._clipping(step), renorm_momentum=self.renorm_momentum,
-                virtual_batch_size=self.virtual_batch_size,
-            )
-            mean.value, var.value = new["mean"], new["var"]
-            for key, v in extra.items():
-                v.value = new[key]
+        if not train or self.is_initializing():
+            y, _ = layer_batch_norm(self, x, {k: v.value for k, v in stats.items()}, params,
+                                    training=False, mask=mask, clipping=None)
             return y
-        y, _ = F.batch_norm(x, stats, params, training=False, axis=axes,
-                            momentum=self.momentum, epsilon=self.epsilon, mask=mask,
-                            dtype=self.dtype)
+        if not self.is_mutable_collection("batch_stats"):
+            raise ValueError(
+                "BatchNorm is in training mode, which updates the moving statistics, but "
+                "the 'batch_stats' collection is not mutable. Pass mutable=['batch_stats'] "
+                "to apply(), e.g. model.apply(variables, x, use_running_average=False, "
+                "mutable=['batch_stats']), or use the moving statistics "
+                "(use_running_average=True)."
+            )
+        y, new = layer_batch_norm(self, x, {k: v.value for k, v in stats.items()}, params,
+                                  training=True, mask=mask, clipping=self._clipping(step))
+        for key, var in stats.items():
+            var.value = new[key]
         return y
+
+    def _stats(self, feature_shape: tuple[int, ...]) -> dict[str, Any]:
+        """Declares the moving statistics (no random draws, as in Flax), checked in shape."""
+        dtype = stats_dtype(self.param_dtype, self.force_float32_reductions)
+
+        def make(init: Initializer) -> Callable[[], Array]:
+            # A fixed key: drawing from the "params" stream would change the keys of the
+            # parameters declared after it, unlike flax.linen.BatchNorm.
+            return lambda: jnp.asarray(init(jax.random.key(0), feature_shape, dtype), dtype)
+
+        out = {"mean": self.variable("batch_stats", "mean", make(self.mean_init)),
+               "var": self.variable("batch_stats", "var", make(self.var_init))}
+        if self.renorm:
+            std = lambda: jnp.sqrt(out["var"].value)  # noqa: E731
+            out["std"] = self.variable("batch_stats", "std", std)
+            out["renorm_mean"] = self.variable("batch_stats", "renorm_mean",
+                                               lambda: out["mean"].value)
+            out["renorm_std"] = self.variable("batch_stats", "renorm_std", std)
+        for name, v in out.items():
+            if tuple(v.value.shape) != feature_shape:
+                raise ValueError(
+                    f"batch_stats['{name}'] has shape {tuple(v.value.shape)} but the input "
+                    f"has feature shape {feature_shape} (axis={self.axis!r}); the layer was "
+                    "built for another number of features."
+                )
+        return out
 
     def _clipping(self, step: Any) -> Mapping[str, Any] | None:
         """The renorm clipping for this step; a schedule counts steps in ``renorm_step``."""
@@ -243,29 +232,60 @@ class BatchNorm(nn.Module):
 
     def _sow_penalties(self, params: Mapping[str, Array]) -> None:
         """Keras weight regularization: sows the penalty into ``losses`` (once per layer)."""
-        K.get_regularizer(self.scale_regularizer, name="scale_regularizer")
-        K.get_regularizer(self.bias_regularizer, name="bias_regularizer")
         if self.frozen or self.is_initializing() or not self.is_mutable_collection("losses"):
             return
         if self.scale_regularizer is None and self.bias_regularizer is None:
             return
-        penalty = K.regularization_penalty(params, self.scale_regularizer,
-                                           self.bias_regularizer)
+        penalty = keras.regularization_penalty(params, self.scale_regularizer,
+                                               self.bias_regularizer)
         self.sow("losses", "regularization", penalty, init_fn=lambda: 0.0,
                  reduce_fn=lambda _, new: new)
 
-    def _stat(self, name: str, init: Initializer, feature_shape: tuple[int, ...]) -> Any:
-        """Declares a moving statistic and checks it against the input's feature shape."""
 
-        def make() -> Array:
-            key = self.make_rng("params") if self.has_rng("params") else jax.random.key(0)
-            return jnp.asarray(init(key, feature_shape, self.param_dtype), self.param_dtype)
+def make_constrain_fn(model: Any, *example_args: Any, **example_kwargs: Any
+                      ) -> Callable[[Any], Any]:
+    """Builds ``constrain_fn(params) -> params`` for every constrained layer of a linen model.
 
-        v = self.variable("batch_stats", name, make)
-        if tuple(v.value.shape) != feature_shape:
-            raise ValueError(
-                f"batch_stats['{name}'] has shape {tuple(v.value.shape)} but the input has "
-                f"feature shape {feature_shape} (axis={self.axis!r}); the layer was built for "
-                "another number of features."
-            )
-        return v
+    The model is traced once abstractly (``jax.eval_shape`` of ``model.init`` with the example
+    arguments; nothing is computed) to find each layer with a ``scale_constraint`` or
+    ``bias_constraint`` and its place in the params tree. Frozen layers are left alone, as
+    Keras applies constraints only to the weights the optimizer updates.
+
+    Args:
+      model: a ``flax.linen`` module.
+      *example_args: positional arguments for ``model.init`` after the key (e.g. an input).
+      **example_kwargs: keyword arguments for ``model.init`` (e.g. ``training=False``).
+
+    Returns:
+      A pure function of the params tree, suitable for ``jax.jit`` and for
+      ``bnjax.make_train_step(constrain_fn=...)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax
+      >>> bn = bnjax.BatchNorm(scale_constraint="non_neg")
+      >>> fn = make_constrain_fn(bn, jnp.ones((2, 3)), training=False)
+      >>> fn({"scale": jnp.array([-1.0, 1.0, 2.0]), "bias": jnp.zeros(3)})["scale"].tolist()
+      [0.0, 1.0, 2.0]
+    """
+    rules: dict[tuple[str, ...], dict[str, keras.Constraint]] = {}
+
+    def interceptor(next_fun: Callable, args: Any, kwargs: Any, context: Any) -> Any:
+        mod = context.module
+        if (context.method_name == "__call__" and isinstance(mod, BatchNorm)
+                and not mod.frozen):
+            found = {}
+            for key, attr in (("scale", "scale_constraint"), ("bias", "bias_constraint")):
+                if getattr(mod, attr) is not None and getattr(mod, f"use_{key}"):
+                    found[key] = keras.get_constraint(getattr(mod, attr), name=attr)
+            if found:
+                rules[tuple(mod.path)] = found
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args, **example_kwargs))
+    frozen_rules = {k: dict(v) for k, v in rules.items()}
+
+    def constrain_fn(params: Any) -> Any:
+        return keras.apply_constraints(params, frozen_rules)
+
+    return constrain_fn

@@ -28,15 +28,17 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bnjax import functional as F
-from bnjax import keras_compat as K
-from bnjax.linen import resolve_training
+from bnjax import keras as K
+from bnjax._checks import check_input, check_mode
+from bnjax._layer import check_layer, layer_batch_norm, resolve_training, stats_dtype
+from bnjax.variants import init_renorm_stats
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -49,29 +51,42 @@ class BatchNorm(nnx.Module):
 
     Training mode normalizes with the batch statistics and updates the moving ones
     (``moving = momentum * moving + (1 - momentum) * batch``); inference mode uses the moving
-    statistics. Arguments and defaults are those of ``bnjax.BatchNorm`` (momentum 0.99,
-    epsilon 1e-3), except ``use_running_average``, which defaults to False as in
-    ``flax.nnx.BatchNorm``: a new layer trains until ``model.eval()``.
+    statistics. A drop-in for ``flax.nnx.BatchNorm``: the same constructor arguments with
+    their Flax meaning, ``use_running_average`` (default False: a new layer trains until
+    ``model.eval()``), the same call ``bn(x, use_running_average)``, and the same draws from
+    ``rngs`` (one ``rngs.params()`` for ``scale`` and one for ``bias``, none for the
+    statistics), so swapping the layer leaves every other layer's initialization unchanged.
+    The defaults are Keras' (momentum 0.99, epsilon 1e-3; pass ``epsilon=1e-5`` to keep a
+    Flax model's numbers), and ``use_fast_variance`` changes nothing: the variance is always
+    computed the exact way (see ``bnjax.BatchNorm``). With ``promote_dtype`` left at None the
+    output has the input's dtype; a given function is applied as Flax applies it.
 
     Args:
       num_features: size of the feature axis (or the feature shape, a tuple, for several
         feature axes).
+      use_running_average: NNX-style mode (``model.train()`` / ``model.eval()`` set it).
       axis: feature axis or axes.
       momentum: weight on the old moving value.
       epsilon: added to the variance inside the square root.
+      dtype: output dtype; defaults to the input's.
+      param_dtype: dtype of the parameters (the moving statistics are float32 or wider).
       use_bias: learn ``bias`` (Keras ``center``).
       use_scale: learn ``scale`` (Keras ``scale``).
       bias_init: initializer of ``bias``.
       scale_init: initializer of ``scale``.
-      mean_init: initializer of the moving mean.
-      var_init: initializer of the moving variance.
       axis_name: named mapped axis for synchronized statistics.
       axis_index_groups: groups of ``axis_name`` synchronized separately.
-      dtype: output dtype; defaults to the input's.
-      param_dtype: dtype of the parameters and moving statistics.
+      use_fast_variance: Flax's switch; no effect.
+      promote_dtype: None (bnjax's dtypes), or Flax's hook
+        ``fn((x, mean, var, scale, bias), dtype=dtype) -> tuple`` applied before normalizing.
+      rngs: random streams for the initializers; optional, as the default initializers
+        are constant.
+      bias_metadata: metadata of the ``bias`` ``nnx.Param``.
+      scale_metadata: metadata of the ``scale`` ``nnx.Param``.
+      mean_init: initializer of the moving mean (called with a fixed key).
+      var_init: initializer of the moving variance (called with a fixed key).
       frozen: Keras ``trainable=False``: inference mode always, no updates, no penalties,
         no constraints.
-      use_running_average: NNX-style mode (``model.train()`` / ``model.eval()`` set it).
       guard_non_finite: keep a feature's moving statistics when its batch statistics are
         not finite.
       renorm: batch renormalization (see ``bnjax.batch_norm``).
@@ -84,8 +99,6 @@ class BatchNorm(nnx.Module):
       scale_constraint: Keras ``gamma_constraint`` (callable or a name such as
         ``"non_neg"``).
       bias_constraint: Keras ``beta_constraint``.
-      rngs: random streams for the initializers; optional, as the default initializers
-        are constant.
 
     Example:
       >>> import jax.numpy as jnp
@@ -100,21 +113,26 @@ class BatchNorm(nnx.Module):
         self,
         num_features: int | Sequence[int],
         *,
+        use_running_average: bool | None = False,
         axis: int | Sequence[int] = -1,
         momentum: float = 0.99,
         epsilon: float = 1e-3,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
         bias_init: Initializer = nnx.initializers.zeros,
         scale_init: Initializer = nnx.initializers.ones,
-        mean_init: Initializer = nnx.initializers.zeros,
-        var_init: Initializer = nnx.initializers.ones,
         axis_name: str | Sequence[str] | None = None,
         axis_index_groups: Any = None,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        use_fast_variance: bool = True,
+        promote_dtype: Callable[..., Any] | None = None,
+        rngs: nnx.Rngs | None = None,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        mean_init: Initializer = nnx.initializers.zeros,
+        var_init: Initializer = nnx.initializers.ones,
         frozen: bool = False,
-        use_running_average: bool | None = False,
         guard_non_finite: bool = True,
         renorm: bool = False,
         renorm_clipping: Mapping[str, Any] | Callable[[Array], Mapping[str, Any]] | None = None,
@@ -124,53 +142,33 @@ class BatchNorm(nnx.Module):
         bias_regularizer: Callable[[Array], Array] | str | None = None,
         scale_constraint: Callable[[Array], Array] | str | None = None,
         bias_constraint: Callable[[Array], Array] | str | None = None,
-        rngs: nnx.Rngs | None = None,
     ) -> None:
-        F._check_hparams(momentum, epsilon)
-        if isinstance(num_features, int):
+        if isinstance(num_features, int) and not isinstance(num_features, bool):
             feature_shape: tuple[int, ...] = (num_features,)
-        else:
+        elif isinstance(num_features, Sequence) and all(
+                isinstance(n, int) and not isinstance(n, bool) for n in num_features):
             feature_shape = tuple(int(n) for n in num_features)
+        else:
+            feature_shape = ()
         if not feature_shape or any(n < 1 for n in feature_shape):
             raise ValueError(
                 f"num_features={num_features!r} must be a positive int (or a tuple of them, "
                 "the feature shape for several feature axes)."
             )
-
-        def key() -> Array:
-            return rngs.params() if rngs is not None else jax.random.key(0)
-
-        def make(init: Initializer) -> Array:
-            return jnp.asarray(init(key(), feature_shape, param_dtype), param_dtype)
-
-        self.scale = nnx.Param(make(scale_init)) if use_scale else nnx.data(None)
-        self.bias = nnx.Param(make(bias_init)) if use_bias else nnx.data(None)
-        self.mean = nnx.BatchStat(make(mean_init))
-        self.var = nnx.BatchStat(make(var_init))
-        if renorm:
-            stats = F.init_renorm_stats({"mean": self.mean[...], "var": self.var[...]})
-            self.std = nnx.BatchStat(stats["std"])
-            self.renorm_mean = nnx.BatchStat(stats["renorm_mean"])
-            self.renorm_std = nnx.BatchStat(stats["renorm_std"])
-            if callable(renorm_clipping):
-                self.renorm_step = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        K.get_regularizer(scale_regularizer, name="scale_regularizer")
-        K.get_regularizer(bias_regularizer, name="bias_regularizer")
-        K.get_constraint(scale_constraint, name="scale_constraint")
-        K.get_constraint(bias_constraint, name="bias_constraint")
-
         self.num_features = num_features
+        self.use_running_average = use_running_average
         self.axis = axis
         self.momentum = momentum
         self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
         self.use_bias = use_bias
         self.use_scale = use_scale
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
-        self.dtype = dtype
-        self.param_dtype = param_dtype
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
         self.frozen = frozen
-        self.use_running_average = use_running_average
         self.guard_non_finite = guard_non_finite
         self.renorm = renorm
         self.renorm_clipping = (
@@ -183,50 +181,69 @@ class BatchNorm(nnx.Module):
         self.bias_regularizer = bias_regularizer
         self.scale_constraint = scale_constraint
         self.bias_constraint = bias_constraint
+        check_layer(self)
+        check_mode("use_running_average", use_running_average)
+
+        def draw(init: Initializer, metadata: Mapping[str, Any]) -> Any:
+            # One draw per parameter, as flax.nnx.BatchNorm makes (none without rngs).
+            key = rngs.params() if rngs is not None else jax.random.key(0)
+            return nnx.Param(jnp.asarray(init(key, feature_shape, param_dtype), param_dtype),
+                             **metadata)
+
+        def stat(init: Initializer) -> Any:
+            dt = stats_dtype(param_dtype)
+            return nnx.BatchStat(jnp.asarray(init(jax.random.key(0), feature_shape, dt), dt))
+
+        self.mean = stat(mean_init)
+        self.var = stat(var_init)
+        self.scale = draw(scale_init, scale_metadata) if use_scale else nnx.data(None)
+        self.bias = draw(bias_init, bias_metadata) if use_bias else nnx.data(None)
+        if renorm:
+            stats = init_renorm_stats({"mean": self.mean[...], "var": self.var[...]})
+            self.std = nnx.BatchStat(stats["std"])
+            self.renorm_mean = nnx.BatchStat(stats["renorm_mean"])
+            self.renorm_std = nnx.BatchStat(stats["renorm_std"])
+            if callable(renorm_clipping):
+                self.renorm_step = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
     def __call__(
         self,
         x: Array,
-        training: bool | None = None,
-        *,
-        mask: Array | None = None,
         use_running_average: bool | None = None,
+        *,
+        training: bool | None = None,
+        mask: Array | None = None,
     ) -> Array:
         """Normalizes ``x``.
 
         Args:
           x: input ``(..., C)`` (feature axes ``self.axis``).
-          training: Keras-style mode for this call; overrides the attribute.
-          mask: optional boolean shaped like ``x`` without its feature axes (or like ``x``);
-            masked-out values take no part in the statistics.
-          use_running_average: NNX-style mode for this call; overrides the attribute.
+          use_running_average: Flax style, as in ``flax.nnx.BatchNorm``; overrides the
+            attribute.
+          training: Keras style, keyword only; overrides the attribute.
+          mask: optional boolean shaped like ``x`` without its feature axes, or
+            broadcastable to ``x``; masked-out values take no part in anything.
 
         Returns:
           The normalized input, in ``self.dtype`` or the input's dtype.
         """
+        check_input(x)
         if training is None and use_running_average is None:
             use_running_average = self.use_running_average
         train = resolve_training(training, use_running_average, frozen=self.frozen)
-        stats = {"mean": self.mean[...], "var": self.var[...]}
-        extra = ("std", "renorm_mean", "renorm_std") if self.renorm else ()
-        for name in extra:
-            stats[name] = getattr(self, name)[...]
+        names = ("mean", "var", *(("std", "renorm_mean", "renorm_std") if self.renorm else ()))
+        stats = {name: getattr(self, name)[...] for name in names}
         params = self.params()
-        if not train:
-            y, _ = F.batch_norm(x, stats, params, training=False, axis=self.axis,
-                                momentum=self.momentum, epsilon=self.epsilon, mask=mask,
-                                dtype=self.dtype)
-            return y
-        y, new = F.batch_norm(
-            x, stats, params, training=True, axis=self.axis, momentum=self.momentum,
-            epsilon=self.epsilon, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, mask=mask, dtype=self.dtype,
-            guard_non_finite=self.guard_non_finite, renorm=self.renorm,
-            renorm_clipping=self._clipping(), renorm_momentum=self.renorm_momentum,
-            virtual_batch_size=self.virtual_batch_size,
-        )
-        for name in ("mean", "var", *extra):
-            getattr(self, name)[...] = new[name]
+        if self.promote_dtype is not None:
+            x, stats["mean"], stats["var"], scale, bias = self.promote_dtype(
+                (x, stats["mean"], stats["var"], params.get("scale"), params.get("bias")),
+                dtype=self.dtype)
+            params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
+        y, new = layer_batch_norm(self, x, stats, params, training=train, mask=mask,
+                                  clipping=self._clipping() if train else None)
+        if train:
+            for name in names:
+                getattr(self, name)[...] = new[name].astype(getattr(self, name)[...].dtype)
         return y
 
     def params(self) -> dict[str, Array]:

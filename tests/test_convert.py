@@ -159,8 +159,8 @@ def test_keras_layer_round_trip_and_inference(keras, kw):
         np.testing.assert_array_equal(a, b)
     if kw.get("renorm"):
         assert c.kwargs["renorm_clipping"] == {"rmax": 1.5, "dmax": 0.5}
-        assert c.kwargs["scale_regularizer"] == bnjax.keras_compat.L2(0.01)
-        assert c.kwargs["bias_constraint"] == bnjax.keras_compat.NonNeg()
+        assert c.kwargs["scale_regularizer"] == bnjax.keras.L2(0.01)
+        assert c.kwargs["bias_constraint"] == bnjax.keras.NonNeg()
 
 
 def test_keras_weight_lists_and_dicts():

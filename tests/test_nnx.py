@@ -131,7 +131,7 @@ def test_frozen_and_explicit_mode():
 
 def test_regularization_loss_and_constraints():
     model = nnx.Sequential(bnnx.BatchNorm(2, scale_regularizer="l2", bias_constraint="non_neg"),
-                           bnnx.BatchNorm(2, bias_regularizer=bnjax.keras_compat.L1(0.5),
+                           bnnx.BatchNorm(2, bias_regularizer=bnjax.keras.L1(0.5),
                                           frozen=False),
                            bnnx.BatchNorm(2, scale_regularizer="l2", frozen=True))
     model.layers[0].scale[...] = jnp.array([1.0, -2.0])

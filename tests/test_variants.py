@@ -16,7 +16,7 @@ import pytest
 
 import bnjax
 from bnjax import functional as F
-from bnjax import keras_compat as K
+from bnjax import keras as K
 
 EPS = 1e-3
 

@@ -7,14 +7,14 @@ functional style:
 - Regularizers: ``bnjax.BatchNorm(scale_regularizer=..., bias_regularizer=...)`` sows its
   penalty into the ``"losses"`` collection whenever that collection is mutable (not at
   ``init``, and not for a ``frozen`` layer, whose weights Keras does not regularize either).
-  The train step of ``bnjax.training`` applies the model with
+  The train step of ``bnjax.make_train_step`` applies the model with
   ``mutable=["batch_stats", "losses"]`` and adds the sum of every leaf of ``"losses"`` to the
   loss. Each layer overwrites its own entry, so a layer called twice is penalized once, as
   Keras counts a weight's penalty once.
 - Constraints: ``bnjax.BatchNorm(scale_constraint=..., bias_constraint=...)`` records the
-  projection; :func:`make_constrain_fn` finds every constrained layer of a model and returns
+  projection; ``bnjax.make_constrain_fn`` finds every constrained layer of a model and returns
   ``constrain_fn(params) -> params``, which the train step applies after each optimizer
-  update (``bnjax.training.make_train_step(constrain_fn=...)``), as Keras' optimizers do.
+  update (``bnjax.make_train_step(constrain_fn=...)``), as Keras' optimizers do.
 
 Regularizers and constraints are any callables (``array -> scalar`` and ``array -> array``),
 Keras 3 objects included when Keras runs on the JAX backend, or one of the names below, which
@@ -59,7 +59,6 @@ __all__ = [
     "apply_constraints",
     "get_constraint",
     "get_regularizer",
-    "make_constrain_fn",
     "regularization_penalty",
 ]
 
@@ -226,7 +225,7 @@ def get_regularizer(spec: str | Regularizer | None, *, name: str = "regularizer"
         return _REGULARIZERS[spec.lower()]()
     raise ValueError(
         f"{name}={spec!r} is not a regularizer; accepted: None, a callable array -> scalar "
-        f"(e.g. bnjax.keras_compat.L2(1e-4) or a keras.regularizers object), or one of "
+        f"(e.g. bnjax.keras.L2(1e-4) or a keras.regularizers object), or one of "
         f"{sorted(_REGULARIZERS)}."
     )
 
@@ -253,7 +252,7 @@ def get_constraint(spec: str | Constraint | None, *, name: str = "constraint"
         return _CONSTRAINTS[spec.lower()]()
     raise ValueError(
         f"{name}={spec!r} is not a constraint; accepted: None, a callable array -> array "
-        f"(e.g. bnjax.keras_compat.NonNeg() or a keras.constraints object), or one of "
+        f"(e.g. bnjax.keras.NonNeg() or a keras.constraints object), or one of "
         f"{sorted(_CONSTRAINTS)}."
     )
 
@@ -331,56 +330,3 @@ def apply_constraints(params: Any, rules: Mapping[tuple[str, ...], Mapping[str, 
                 raise KeyError(f"no parameters at path {'/'.join(path)} (missing {name!r}).")
             node = node[name]
     return visit(params, ())
-
-
-def make_constrain_fn(model: Any, *example_args: Any, **example_kwargs: Any
-                      ) -> Callable[[Any], Any]:
-    """Builds ``constrain_fn(params) -> params`` for every constrained layer of a linen model.
-
-    The model is traced once abstractly (``jax.eval_shape`` of ``model.init`` with the example
-    arguments; nothing is computed) to find each layer with a ``scale_constraint`` or
-    ``bias_constraint`` and its place in the params tree. Frozen layers are left alone, as
-    Keras applies constraints only to the weights the optimizer updates.
-
-    Args:
-      model: a ``flax.linen`` module.
-      *example_args: positional arguments for ``model.init`` after the key (e.g. an input).
-      **example_kwargs: keyword arguments for ``model.init`` (e.g. ``training=False``).
-
-    Returns:
-      A pure function of the params tree, suitable for ``jax.jit`` and for
-      ``bnjax.training.make_train_step(constrain_fn=...)``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, bnjax
-      >>> bn = bnjax.BatchNorm(scale_constraint="non_neg")
-      >>> fn = make_constrain_fn(bn, jnp.ones((2, 3)), training=False)
-      >>> fn({"scale": jnp.array([-1.0, 1.0, 2.0]), "bias": jnp.zeros(3)})["scale"].tolist()
-      [0.0, 1.0, 2.0]
-    """
-    import flax.linen as nn
-
-    from bnjax.linen import BatchNorm
-
-    rules: dict[tuple[str, ...], dict[str, Constraint]] = {}
-
-    def interceptor(next_fun: Callable, args: Any, kwargs: Any, context: Any) -> Any:
-        mod = context.module
-        if (context.method_name == "__call__" and isinstance(mod, BatchNorm)
-                and not mod.frozen):
-            found = {}
-            for key, attr in (("scale", "scale_constraint"), ("bias", "bias_constraint")):
-                if getattr(mod, attr) is not None and getattr(mod, f"use_{key}"):
-                    found[key] = get_constraint(getattr(mod, attr), name=attr)
-            if found:
-                rules[tuple(mod.path)] = found
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args, **example_kwargs))
-    frozen_rules = {k: dict(v) for k, v in rules.items()}
-
-    def constrain_fn(params: Any) -> Any:
-        return apply_constraints(params, frozen_rules)
-
-    return constrain_fn

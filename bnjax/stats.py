@@ -1,0 +1,279 @@
+"""Batch statistics: local shifted sums, their exact combination, and the cross-device collective.
+
+The statistics of a (possibly masked, possibly sharded) batch are computed in three steps:
+
+1. :func:`local_sums`: each device sums deviations from one of its own values per feature,
+   ``[count, shift, sum(x - shift), sum((x - shift)^2)]``.
+2. :func:`gather_sums`: one ``all_gather`` gives every device every device's sums (or its
+   group's); without ``axis_name`` the local sums are the only part.
+3. :func:`combine_sums`: the parallel-variance formula combines the parts exactly.
+
+Shifting by a value of the batch keeps the sums small when ``|mean| / std`` is large, where
+``E[x^2] - E[x]^2`` would lose every digit; combining per-device parts by their exact formula
+makes uneven or masked shards give the global statistics.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bnjax._checks import Axis, canonicalize_axes, check_input, freeze_groups, mask_to_input_rank
+
+Array = jax.Array
+
+__all__ = [
+    "Moments",
+    "axis_names",
+    "check_axis",
+    "combine_sums",
+    "gather_sums",
+    "local_sums",
+    "moments",
+    "stat_dtype",
+    "to_input_shape",
+    "vma",
+]
+
+
+class Moments(NamedTuple):
+    """Batch statistics per feature: mean, biased variance, and the number of values used."""
+
+    mean: Array
+    var: Array
+    count: Array
+
+
+def stat_dtype(dtype: Any) -> Any:
+    """Statistics are computed in float32, or float64 when the input is float64.
+
+    Example:
+      >>> stat_dtype(jnp.bfloat16)
+      dtype('float32')
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def to_input_shape(v: Array, ndim: int, axes: tuple[int, ...]) -> Array:
+    """Reshapes a per-feature array so it broadcasts against the input.
+
+    Example:
+      >>> to_input_shape(jnp.zeros(3), 4, (3,)).shape
+      (1, 1, 1, 3)
+    """
+    shape = [1] * ndim
+    for a, n in zip(axes, v.shape, strict=True):
+        shape[a] = n
+    return v.reshape(shape)
+
+
+def _first_valid(x: Array, mask: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """Per feature: a valid value of that feature (0 where none) and whether one exists."""
+    red = tuple(i for i in range(x.ndim) if i not in axes)
+    if mask.shape == x.shape:
+        # Per-value mask: every feature takes its own first valid position.
+        order = red + axes
+        fshape = tuple(x.shape[a] for a in axes)
+        xs = jnp.transpose(x, order).reshape((-1,) + fshape)
+        ms = jnp.transpose(mask, order).reshape((-1,) + fshape)
+        idx = jnp.argmax(ms, axis=0)
+        value = jnp.take_along_axis(xs, idx[None], axis=0)[0]
+        return value, jnp.any(ms, axis=0)
+    # Per-position mask (size 1 on the feature axes): one position serves every feature.
+    idx = jnp.unravel_index(jnp.argmax(mask.reshape(-1)), mask.shape)
+    starts = [idx[i] if i in red else 0 for i in range(x.ndim)]
+    sizes = [1 if i in red else x.shape[i] for i in range(x.ndim)]
+    value = lax.dynamic_slice(x, starts, sizes).reshape(tuple(x.shape[a] for a in axes))
+    return value, jnp.broadcast_to(jnp.any(mask), value.shape)
+
+
+def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
+    """Per-device shifted sums, stacked as ``[count, shift, sum(x - shift), sum((x - shift)^2)]``.
+
+    The shift is one value of the batch per feature (the first valid value of that feature),
+    so the sums stay small even when ``|mean| / std`` is large. Masked-out values, whatever
+    they hold (NaN, Inf, any finite value), take no part: they are selected away, never
+    multiplied by zero. The two sums are two reductions that each read ``x`` once (see below).
+
+    Args:
+      x: input.
+      axes: canonical feature axes.
+      mask: None, or a boolean mask from ``mask_to_input_rank``.
+
+    Returns:
+      An array of shape ``(4, *feature_shape)`` in the statistics dtype.
+
+    Example:
+      >>> local_sums(jnp.array([[1.0], [3.0]]), (1,), None).ravel().tolist()
+      [2.0, 1.0, 2.0, 4.0]
+    """
+    dt = stat_dtype(x.dtype)
+    red = tuple(i for i in range(x.ndim) if i not in axes)
+    if mask is None:
+        first = tuple(0 if i in red else slice(None) for i in range(x.ndim))
+        shift = x[first].astype(dt)
+        count = jnp.full(shift.shape, np.prod([x.shape[i] for i in red]), dt)
+    else:
+        shift, has = _first_valid(x, mask, axes)
+        shift = jnp.where(has, shift.astype(dt), 0)
+        count = jnp.sum(mask, axis=red, dtype=dt)
+        count = jnp.broadcast_to(count.reshape([mask.shape[a] for a in axes]), shift.shape)
+    shift = lax.stop_gradient(shift)
+    # Each sum recomputes ``x - shift`` (and the cast of a half-precision ``x``) inside its own
+    # reduction, reading only ``x``. With one shared difference or cast, XLA (CPU) writes it
+    # out as a full-size temporary for the two sums to read, which costs more than reading
+    # ``x`` twice. Copies that XLA cannot merge keep both fused; the barrier moves no data.
+    x_1, x_2, shift_1, shift_2 = lax.optimization_barrier((x, x, shift, shift))
+    d1 = x_1.astype(dt) - to_input_shape(shift_1, x.ndim, axes)
+    d2 = x_2.astype(dt) - to_input_shape(shift_2, x.ndim, axes)
+    if mask is not None:
+        d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
+    s1 = jnp.sum(d1, axis=red)
+    s2 = jnp.sum(d2 * d2, axis=red)
+    return jnp.stack([count, shift, s1, s2])
+
+
+def combine_sums(sums: Array) -> Moments:
+    """Exact mean and biased variance from stacked per-part sums of shape ``(P, 4, *F)``.
+
+    Uses the parallel-variance formula (Chan et al.): each part's mean and sum of squared
+    deviations, then the spread of the part means around the global mean. Parts with no
+    values contribute nothing; with no values at all the mean and variance are 0 and count 0.
+
+    Example:
+      >>> parts = jnp.stack([local_sums(jnp.array([[1.0]]), (1,), None),
+      ...                    local_sums(jnp.array([[3.0], [5.0]]), (1,), None)])
+      >>> m = combine_sums(parts)
+      >>> m.mean.tolist(), m.var.tolist(), m.count.tolist()
+      ([3.0], [2.6666667461395264], [3.0])
+    """
+    n, shift, s1, s2 = sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3]
+    has = n > 0
+    safe_n = jnp.where(has, n, 1)
+    # Part means as offsets from one reference value (the shift of the first part with
+    # values): with a large |mean| / std the offsets stay small, so their spread keeps its
+    # digits (the part means themselves would be rounded to the precision of the mean).
+    ref = jnp.take_along_axis(shift, jnp.argmax(has, axis=0)[None], axis=0)[0]
+    part_mean = s1 / safe_n
+    part_dev = (shift - ref) + part_mean
+    # s1 * (s1 / n), not s1 * s1 / n: the square of a large sum overflows long before s2 does.
+    part_m2 = jnp.maximum(s2 - s1 * part_mean, 0)
+    total = jnp.sum(n, axis=0)
+    safe_total = jnp.where(total > 0, total, 1)
+    dev = jnp.sum(jnp.where(has, n * part_dev, 0), axis=0) / safe_total
+    spread = jnp.where(has, n * jnp.square(part_dev - dev), 0)
+    var = (jnp.sum(jnp.where(has, part_m2, 0), axis=0) + jnp.sum(spread, axis=0)) / safe_total
+    mean = jnp.where(total > 0, ref + dev, 0)
+    return Moments(mean, jnp.maximum(var, 0), total)
+
+
+_HAS_GATHER_TO = "to" in inspect.signature(lax.all_gather).parameters
+
+
+def axis_names(axis_name: str | Sequence[str]) -> tuple[Any, ...]:
+    """A named axis (or several) as a tuple of names.
+
+    Example:
+      >>> axis_names("batch"), axis_names(("data", "model"))
+      (('batch',), ('data', 'model'))
+    """
+    return tuple(axis_name) if isinstance(axis_name, list | tuple) else (axis_name,)
+
+
+def vma(v: Any) -> frozenset:
+    """The manual mesh axes ``v`` varies over (``jax.shard_map`` with ``check_vma``)."""
+    aval = jax.typeof(v)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
+def gather_sums(local: Array, axis_name: str | Sequence[str] | None, axis_index_groups: Any
+                ) -> Array:
+    """One collective: every device receives every device's sums (or its group's).
+
+    Returns:
+      The parts, shape ``(P, *local.shape)``; ``P = 1`` without ``axis_name``.
+    """
+    if axis_name is None:
+        return local[None]
+    check_axis(axis_name, axis_index_groups)
+    names = frozenset(axis_names(axis_name))
+    if axis_index_groups is None and names <= vma(local) and _HAS_GATHER_TO:
+        # Under jax.shard_map the gathered sums are the same on every device: say so, so that
+        # the statistics (and the moving averages) are typed as replicated across the axis.
+        out = lax.all_gather(local, axis_name, tiled=False, to="invarying")
+    else:
+        out = lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups,
+                             tiled=False)
+    return out.reshape((-1,) + local.shape)
+
+
+def check_axis(axis_name: str | Sequence[str], axis_index_groups: Any) -> None:
+    """Trace-time check: the axis name is bound and the groups partition it evenly."""
+    size = 1
+    for name in axis_names(axis_name):
+        try:
+            size *= lax.axis_size(name)
+        except NameError:
+            raise ValueError(
+                f"axis_name={axis_name!r} is not bound here: {name!r} must be the axis_name of "
+                "an enclosing jax.pmap, jax.vmap, flax.linen.vmap or the mesh axis of a "
+                "jax.shard_map. Use axis_name=None under plain jax.jit (sharded inputs give "
+                "global statistics there without it)."
+            ) from None
+    if axis_index_groups is None:
+        return
+    groups = [list(g) for g in axis_index_groups]
+    flat = sorted(i for g in groups for i in g)
+    if not groups or flat != list(range(size)) or len({len(g) for g in groups}) != 1:
+        raise ValueError(
+            f"axis_index_groups={axis_index_groups!r} does not partition the {size} indices of "
+            f"axis_name={axis_name!r} into groups of equal size; every index 0..{size - 1} must "
+            "appear in exactly one group, e.g. [[0, 1], [2, 3], ...]."
+        )
+
+
+def moments(
+    x: Array,
+    axis: Axis = -1,
+    *,
+    mask: Array | None = None,
+    axis_name: str | Sequence[str] | None = None,
+    axis_index_groups: Any = None,
+) -> Moments:
+    """Mean and biased variance of ``x`` over every axis but ``axis``.
+
+    Accurate where ``E[x^2] - E[x]^2`` breaks down (large ``|mean| / std``): each device sums
+    deviations from one of its own values, and the parts are combined with the exact parallel
+    variance formula. With ``axis_name`` the statistics are those of the global batch across
+    that named axis (``pmap``, ``shard_map``, ``vmap``), computed with a single collective.
+
+    Args:
+      x: input, any float dtype; ``(..., C)`` for the default ``axis=-1``.
+      axis: feature axis or axes; all other axes are reduced.
+      mask: optional boolean, shaped like ``x`` without its feature axes (or broadcastable
+        to ``x``); False entries take no part in the statistics, whatever they hold.
+      axis_name: named mapped axis (or axes) to reduce over as well.
+      axis_index_groups: optional partition of that axis into groups reduced separately.
+
+    Returns:
+      ``Moments(mean, var, count)``, each of the feature shape, in float32 (float64 for
+      float64 input).
+
+    Example:
+      >>> m = moments(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
+      >>> m.mean.tolist(), m.var.tolist()
+      ([2.0, 20.0], [1.0, 100.0])
+    """
+    check_input(x)
+    axes = canonicalize_axes(axis, x.ndim)
+    check_input(x, axes)
+    groups = freeze_groups(axis_index_groups, axis_name)
+    m = None if mask is None else mask_to_input_rank(mask, x.shape, axes)
+    return combine_sums(gather_sums(local_sums(x, axes, m), axis_name, groups))
