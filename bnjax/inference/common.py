@@ -214,11 +214,11 @@ def inference_call_kwargs(model: Any, call_kwargs: Mapping[str, Any] | None,
     if found:
         return {name: MODE_KEYWORDS[name] for name in found}
     params = _keyword_params(model)[1:]  # after the input
-    example = f"{{{params[0]!r}: False}}" if params else "{}"
+    example = f", e.g. call_kwargs={{{params[0]!r}: False}}" if params else ""
     raise ValueError(
         f"{fn}: {type(model).__name__}.__call__ has none of the mode arguments "
         f"{', '.join(MODE_KEYWORDS)} (its arguments after the input: {params}), so the tool "
         "cannot put the model in inference mode by itself. Pass call_kwargs with the keyword "
-        f"arguments that do, e.g. call_kwargs={example}, or call_kwargs={{}} when the model "
-        "needs none."
+        f"arguments that do{example}, or call_kwargs={{}} when the model needs none (its batch "
+        "norms built with use_running_average=True)."
     )
