@@ -17,21 +17,33 @@ import bnjax
 # Helpers.
 
 
+class FlaxStyleBatchNorm(bnjax.BatchNorm):
+    """``bnjax.BatchNorm`` called with Flax's convention: ``use_running_average`` second."""
+
+    def __call__(self, x, use_running_average=None, *, training=None, mask=None):
+        return super().__call__(x, training=training, use_running_average=use_running_average,
+                                mask=mask)
+
+
 def _bn(kind, training, **kw):
-    """A batch-norm call of either library, in the mode ``training``."""
+    """A batch-norm call of either library (or the Flax-style subclass), in mode ``training``."""
     if kind == "bnjax":
         return lambda y: bnjax.BatchNorm(**kw)(y, training=training)
+    if kind == "flax_style":
+        return lambda y: FlaxStyleBatchNorm(**kw)(y, not training)  # positional
     return lambda y: nn.BatchNorm(use_running_average=not training, **kw)(y)
 
 
-def _init(model, x, seed):
+def _init(model, x, seed, **call_kwargs):
     """Random variables of the right shapes, drawn in NumPy (no compiled ``init``).
 
     Kernels ~ N(0, 1/fan_in); biases ~ N(0, 0.25); batch-norm scale in [0.5, 2], bias and mean
-    ~ N(0, 1), var in [0.2, 3], so folding is far from the identity.
+    ~ N(0, 1), var in [0.2, 3], so folding is far from the identity. ``call_kwargs`` select
+    inference mode (default ``training=False``).
     """
     rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, training=False))
+    call_kwargs = call_kwargs or {"training": False}
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, **call_kwargs))
 
     def draw(path, leaf):
         name, shape = path[-1].key, leaf.shape
@@ -218,17 +230,22 @@ def test_fold_errors():
 # PreciseBN against a float64 NumPy population reference.
 
 
+def _stat_body(x, training, kinds):
+    """StatNet's layers (inside a compact ``__call__``), batch norms of the given kinds."""
+    x = nn.Dense(5)(x)                     # x: (B, 3, 4) -> (B, 3, 5)
+    x = _bn(kinds[0], training, epsilon=1e-3, name="BatchNorm_0")(x)
+    x = nn.relu(x)
+    x = nn.Dense(4)(x)
+    x = _bn(kinds[1], training, epsilon=1e-3, name="BatchNorm_1")(x)
+    return nn.Dense(3)(jnp.tanh(x).reshape((x.shape[0], -1)))
+
+
 class StatNet(nn.Module):
     kind: str = "bnjax"
 
     @nn.compact
     def __call__(self, x, training):
-        x = nn.Dense(5)(x)                     # x: (B, 3, 4) -> (B, 3, 5)
-        x = _bn(self.kind, training, epsilon=1e-3)(x)
-        x = nn.relu(x)
-        x = nn.Dense(4)(x)
-        x = _bn(self.kind, training, epsilon=1e-3)(x)
-        return nn.Dense(3)(jnp.tanh(x).reshape((x.shape[0], -1)))
+        return _stat_body(x, training, (self.kind, self.kind))
 
 
 def _np_forward(p, bs, x, eps=1e-3, stats_from_batch=False):
@@ -346,6 +363,23 @@ def test_precise_batch_stats_errors():
 # Monte Carlo batch norm.
 
 
+def _np_mc(params, train, x):
+    """Float64 Monte Carlo BN of StatNet with every training batch sampled once."""
+    samples = []
+    for b in train:
+        _, seen = _np_forward(params, None, b, stats_from_batch=True)
+        stats = {f"BatchNorm_{i}": {"mean": m, "var": v} for i, (m, v, _) in enumerate(seen)}
+        logits, _ = _np_forward(params, stats, x)
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        samples.append(e / e.sum(-1, keepdims=True))
+    samples = np.stack(samples)
+    probs = samples.mean(0)
+    entropy = -(probs * np.log(probs)).sum(-1)
+    variance = samples.var(0).sum(-1)
+    mi = entropy - (-(samples * np.log(samples)).sum(-1)).mean(0)
+    return probs, entropy, variance, mi
+
+
 def test_mc_batch_norm_matches_numpy_reference():
     model = StatNet()
     train = [jax.random.normal(k, (8, 3, 4)) * 2 + 1 for k in jax.random.split(
@@ -355,18 +389,7 @@ def test_mc_batch_norm_matches_numpy_reference():
     out = bnjax.mc_batch_norm_predict(model, variables, x, train, num_samples=6,
                                       rng=jax.random.key(5), batch_size=3)
     # Six batches, six samples: every batch once (the order does not change the averages).
-    samples = []
-    for b in train:
-        _, seen = _np_forward(variables["params"], None, b, stats_from_batch=True)
-        stats = {f"BatchNorm_{i}": {"mean": m, "var": v} for i, (m, v, _) in enumerate(seen)}
-        logits, _ = _np_forward(variables["params"], stats, x)
-        e = np.exp(logits - logits.max(-1, keepdims=True))
-        samples.append(e / e.sum(-1, keepdims=True))
-    samples = np.stack(samples)
-    probs = samples.mean(0)
-    entropy = -(probs * np.log(probs)).sum(-1)
-    variance = samples.var(0).sum(-1)
-    mi = entropy - (-(samples * np.log(samples)).sum(-1)).mean(0)
+    probs, entropy, variance, mi = _np_mc(variables["params"], train, x)
     np.testing.assert_allclose(out.probs, probs, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out.entropy, entropy, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(out.variance, variance, rtol=1e-3, atol=1e-7)
@@ -433,3 +456,184 @@ def test_training_config_switches(tmp_path):
     assert np.isfinite(result["test_loss_precise_bn"])
     assert result["folded_export"].endswith("folded_model.jax_export")
     assert (tmp_path / "run" / "folded" / "fold_report.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's mode keyword, found from its signature, and how batch-norm calls are read.
+# Each model's default for its mode argument is the *training* value, so a tool that did not
+# pass the inference value would run the batch norms in training mode.
+
+
+class TrainNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        return _stat_body(x, train, ("bnjax", "flax"))
+
+
+class TrainingNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, training: bool = True):
+        return _stat_body(x, training, ("flax", "bnjax"))
+
+
+class RunningAverageNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, use_running_average: bool = False):
+        return _stat_body(x, not use_running_average, ("bnjax", "flax"))
+
+
+class DeterministicNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool = False):
+        return _stat_body(x, not deterministic, ("flax", "bnjax"))
+
+
+MODE_NETS = {"train": (TrainNet, False), "training": (TrainingNet, False),
+             "use_running_average": (RunningAverageNet, True),
+             "deterministic": (DeterministicNet, True)}
+
+
+@pytest.mark.parametrize("keyword", list(MODE_NETS))
+def test_fold_finds_the_mode_keyword(keyword):
+    cls, value = MODE_NETS[keyword]
+    model, x = cls(), _stat_data(10)[0]
+    variables = _init(model, x, 11, **{keyword: value})
+    folded, fv = bnjax.fold_batch_norm(model, variables, x)  # no call_kwargs
+    assert set(folded.folded) == {("Dense_0", "BatchNorm_0"), ("Dense_1", "BatchNorm_1")}
+    ref, _ = _np_forward(variables["params"], variables["batch_stats"], x)
+    out = _apply(folded, fv, x, **{keyword: value})
+    _assert_rel_close(out, ref, 1e-5)
+    _assert_rel_close(_apply(model, variables, x, **{keyword: value}), ref, 1e-5)
+
+
+@pytest.mark.parametrize("keyword", list(MODE_NETS))
+def test_statistics_tools_find_the_mode_keyword(keyword):
+    cls, value = MODE_NETS[keyword]
+    model, xs = cls(), _stat_data(12)
+    variables = _init(model, xs[0], 13, **{keyword: value})
+    new = bnjax.precise_batch_stats(model, variables, xs)  # no call_kwargs
+    ref = _np_precise(variables["params"], variables["batch_stats"], xs, False)
+    for name in ("BatchNorm_0", "BatchNorm_1"):
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(new["batch_stats"][name][key], ref[name][key], rtol=1e-4)
+    train = [x for x in xs if x.shape[0] == 8]
+    out = bnjax.mc_batch_norm_predict(model, variables, xs[3], train, num_samples=len(train))
+    probs, entropy, _, _ = _np_mc(variables["params"], train, xs[3])
+    np.testing.assert_allclose(out.probs, probs, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out.entropy, entropy, rtol=1e-4, atol=1e-6)
+
+
+def test_export_finds_the_mode_keyword(tmp_path):
+    model, x = DeterministicNet(), _stat_data(14)[0]
+    variables = _init(model, x, 15, deterministic=True)
+    report = bnjax.export_folded_model(model, variables, x, str(tmp_path))
+    assert len(report["folded"]) == 2
+    exported = jax.export.deserialize(bytearray((tmp_path / "folded_model.jax_export")
+                                                .read_bytes()))
+    ref, _ = _np_forward(variables["params"], variables["batch_stats"], x)
+    _assert_rel_close(exported.call(x), ref, 1e-5)
+
+
+class TwoModeNet(nn.Module):
+    """Both ``train`` and ``deterministic``: the tools pass the inference value of each."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True, deterministic: bool = False):
+        x = _stat_body(x, train, ("bnjax", "bnjax"))
+        return nn.Dropout(0.5)(x, deterministic=deterministic)  # needs an rng unless False
+
+
+def test_fold_passes_every_mode_keyword():
+    model, x = TwoModeNet(), _stat_data(16)[0]
+    variables = _init(model, x, 17, train=False, deterministic=True)
+    folded, fv = bnjax.fold_batch_norm(model, variables, x)
+    assert len(folded.folded) == 2
+    ref, _ = _np_forward(variables["params"], variables["batch_stats"], x)
+    _assert_rel_close(_apply(folded, fv, x, train=False, deterministic=True), ref, 1e-5)
+
+
+def test_explicit_call_kwargs_win():
+    model, x = TrainNet(), _stat_data(18)[0]
+    variables = _init(model, x, 19, train=False)
+    # The found keyword would be train=False; explicit call_kwargs are used as given.
+    with pytest.raises(ValueError, match="training mode"):
+        bnjax.fold_batch_norm(model, variables, x, call_kwargs={"train": True})
+    with pytest.raises(ValueError, match="training mode"):
+        bnjax.precise_batch_stats(model, variables, [x], call_kwargs={})
+    folded, fv = bnjax.fold_batch_norm(model, variables, x, call_kwargs={"train": False})
+    ref, _ = _np_forward(variables["params"], variables["batch_stats"], x)
+    _assert_rel_close(_apply(folded, fv, x, train=False), ref, 1e-5)
+
+
+class OtherModeNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, is_training: bool):
+        return _stat_body(x, is_training, ("bnjax", "flax"))
+
+
+def test_model_without_a_mode_keyword_needs_call_kwargs(tmp_path):
+    model, xs = OtherModeNet(), _stat_data(20)
+    variables = _init(model, xs[0], 21, is_training=False)
+    tools = {
+        "fold_batch_norm": lambda **kw: bnjax.fold_batch_norm(model, variables, xs[0], **kw),
+        "export_folded_model": lambda **kw: bnjax.export_folded_model(
+            model, variables, xs[0], str(tmp_path), **kw),
+        "precise_batch_stats": lambda **kw: bnjax.precise_batch_stats(
+            model, variables, xs, **kw),
+        "mc_batch_norm_predict": lambda **kw: bnjax.mc_batch_norm_predict(
+            model, variables, xs[0], xs, **kw),
+    }
+    for name, tool in tools.items():
+        with pytest.raises(ValueError, match="call_kwargs") as info:
+            tool()
+        message = str(info.value)
+        assert message.startswith(name) and "is_training" in message
+        assert "train, training, use_running_average, deterministic" in message
+    folded, fv = tools["fold_batch_norm"](call_kwargs={"is_training": False})
+    ref, _ = _np_forward(variables["params"], variables["batch_stats"], xs[0])
+    _assert_rel_close(_apply(folded, fv, xs[0], is_training=False), ref, 1e-5)
+    with pytest.raises(TypeError, match="call_kwargs"):
+        tools["fold_batch_norm"](call_kwargs=[("is_training", False)])
+
+
+def _bn_call_training(layer, *args, **kwargs):
+    """The mode the tools read off ``layer(x, *args, **kwargs)``."""
+    from bnjax.inference.tracing import BNCall
+
+    x = jnp.ones((2, 3))
+    return BNCall.bind(layer, (x, *args), kwargs).training()
+
+
+def test_bn_calls_are_read_by_name_for_either_calling_convention():
+    # Flax's layer: the second positional argument is use_running_average.
+    assert _bn_call_training(nn.BatchNorm(), True) is False
+    assert _bn_call_training(nn.BatchNorm(), False) is True
+    assert _bn_call_training(nn.BatchNorm(), use_running_average=False) is True
+    assert _bn_call_training(nn.BatchNorm(use_running_average=True)) is False
+    # bnjax's layer by keyword (either convention), its attribute, and frozen.
+    assert _bn_call_training(bnjax.BatchNorm(), training=True) is True
+    assert _bn_call_training(bnjax.BatchNorm(), training=False) is False
+    assert _bn_call_training(bnjax.BatchNorm(), use_running_average=False) is True
+    assert _bn_call_training(bnjax.BatchNorm(use_running_average=True)) is False
+    assert _bn_call_training(bnjax.BatchNorm(use_running_average=False)) is True
+    assert _bn_call_training(bnjax.BatchNorm(frozen=True), training=True) is False
+    # Flax's convention on bnjax's layer: use_running_average second, training keyword-only.
+    assert _bn_call_training(FlaxStyleBatchNorm(), True) is False
+    assert _bn_call_training(FlaxStyleBatchNorm(), False) is True
+    assert _bn_call_training(FlaxStyleBatchNorm(), training=True) is True
+    assert _bn_call_training(FlaxStyleBatchNorm(frozen=True), False) is False
+
+
+def test_flax_style_subclass_called_positionally():
+    # The subclass's super().__call__ is one call of the layer, not a second one.
+    model = StatNet("flax_style")
+    xs = _stat_data(22)
+    variables = _init(model, xs[0], 23)
+    new = bnjax.precise_batch_stats(model, variables, xs)
+    ref = _np_precise(variables["params"], variables["batch_stats"], xs, False)
+    for name in ("BatchNorm_0", "BatchNorm_1"):
+        np.testing.assert_allclose(new["batch_stats"][name]["var"], ref[name]["var"], rtol=1e-4)
+    folded, fv = bnjax.fold_batch_norm(model, variables, xs[0])
+    assert folded.folded == () and all("subclass" in why for _, why in folded.kept)
+    ref_out, _ = _np_forward(variables["params"], variables["batch_stats"], xs[0])
+    _assert_rel_close(_apply(folded, fv, xs[0], training=False), ref_out, 1e-5)
