@@ -20,11 +20,12 @@ def np_bn(x, mask, scale, bias, moving_mean, moving_var, dy, eps=EPSILON, moment
     """Float64 training-mode BN over the rows of ``x`` (N, C) where ``mask`` (N,) is True.
 
     Returns y, new moving mean, new moving var, dx, dscale, dbias for the loss sum(y * dy).
-    Masked-out rows take no part in the statistics but are normalized with them.
+    Masked-out rows take no part in the statistics but are normalized with them; their
+    outputs carry no gradient (bnjax's contract: padding), so their ``dy`` is dropped.
     """
     x = np.asarray(x, np.float64)
-    dy = np.asarray(dy, np.float64)
     m = np.ones(len(x), bool) if mask is None else np.asarray(mask, bool)
+    dy = np.asarray(dy, np.float64) * m[:, None]
     xv = x[m]
     n = len(xv)
     mean = xv.mean(0)
