@@ -273,7 +273,7 @@ def moments(
     """
     check_input(x)
     axes = canonicalize_axes(axis, x.ndim)
-    check_input(x, axes)
+    check_input(x, axes, training=True)
     groups = freeze_groups(axis_index_groups, axis_name)
     m = None if mask is None else mask_to_input_rank(mask, x.shape, axes)
     return combine_sums(gather_sums(local_sums(x, axes, m), axis_name, groups))
