@@ -16,7 +16,8 @@ PyTorch (``torch.nn.BatchNorm1d/2d/3d``):
   cumulative average) has no bnjax counterpart and leaves ``momentum`` out of ``kwargs``.
 - Epsilon: the same placement, ``sqrt(var + eps)``; PyTorch's default is 1e-5 (bnjax 1e-3),
   so ``kwargs["epsilon"]`` carries it over.
-- Layout: PyTorch's features are axis 1 (``NCHW``), so ``kwargs["axis"] = 1`` by default.
+- Layout: PyTorch's features are axis 1 (``NCHW``), so ``kwargs["axis"] = 1`` by default;
+  ``layout="NHWC"`` gives ``axis=-1`` for a channels-last port (Flax convolutions).
 - Running variance: PyTorch's ``running_var`` is an exponential moving average of the
   *unbiased* batch variances (divided by ``n - 1``, ``n`` = values per channel in a batch:
   ``N`` for ``(N, C)``, ``N * L`` for ``(N, C, L)``, ``N * H * W`` for ``(N, C, H, W)``);
@@ -43,7 +44,7 @@ TF-Keras 2, and the built-in regularizers and constraints) is carried into ``kwa
 from __future__ import annotations
 
 import decimal
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -123,25 +124,61 @@ def _check_n(values_per_channel: Any) -> int:
     return int(values_per_channel)
 
 
+_UNSET: Any = object()
+_LAYOUT_AXES = {"NCHW": 1, "NCL": 1, "NCDHW": 1, "NC": 1, "NHWC": -1, "NLC": -1, "NDHWC": -1}
+
+
+def _torch_source(source: Any, momentum: Any, eps: Any) -> tuple[Mapping[str, Any], Any, Any]:
+    """The state dict, momentum and eps of a ``torch.nn.BatchNorm*d`` module or a state dict."""
+    if isinstance(source, Mapping):
+        return (source, 0.1 if momentum is _UNSET else momentum,
+                1e-5 if eps is _UNSET else eps)
+    if not (hasattr(source, "state_dict") and hasattr(source, "eps")
+            and hasattr(source, "momentum")):
+        raise TypeError(
+            f"from_torch got {type(source).__name__}; pass a torch.nn.BatchNorm1d/2d/3d module "
+            "or its state_dict() (a mapping of arrays)."
+        )
+    for name, given in (("momentum", momentum), ("eps", eps)):
+        if given is not _UNSET:
+            raise ValueError(
+                f"{name}={given!r} is given with a module; the module's own {name} "
+                f"({getattr(source, name)!r}) is used. Pass a state dict to override it."
+            )
+    if not getattr(source, "track_running_stats", True):
+        raise ValueError(
+            f"{type(source).__name__} has track_running_stats=False: it always normalizes "
+            "with batch statistics, which has no bnjax inference counterpart."
+        )
+    return source.state_dict(), source.momentum, source.eps
+
+
 def from_torch(
-    state_dict: Mapping[str, Any],
+    source: Any,
     *,
     prefix: str = "",
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    axis: int | Sequence[int] = 1,
+    momentum: float | None = _UNSET,
+    eps: float = _UNSET,
+    layout: str = "NCHW",
     values_per_channel: int | None = None,
     param_dtype: Any = jnp.float32,
 ) -> Converted:
-    """Loads a PyTorch ``BatchNorm{1,2,3}d`` state dict (NumPy arrays or torch tensors).
+    """Loads a PyTorch ``BatchNorm{1,2,3}d`` (the module, or its state dict) into bnjax.
 
     Args:
-      state_dict: the layer's ``state_dict()`` (keys ``weight``, ``bias``, ``running_mean``,
-        ``running_var``, ``num_batches_tracked``), or a whole model's with ``prefix``.
+      source: a ``torch.nn.BatchNorm1d/2d/3d`` module (its state dict, ``momentum``,
+        ``eps`` and ``affine`` are read from it), or a state dict (NumPy arrays or torch
+        tensors; keys ``weight``, ``bias``, ``running_mean``, ``running_var``,
+        ``num_batches_tracked``), possibly a whole model's with ``prefix``.
       prefix: key prefix of the layer in a model's state dict, e.g. ``"layer1.0.bn1."``.
-      momentum: the PyTorch layer's momentum (new-value weight; None: cumulative average).
-      eps: the PyTorch layer's eps.
-      axis: bnjax feature axis; 1 for PyTorch's channels-first layout.
+      momentum: with a state dict, the PyTorch layer's momentum (new-value weight; None: the
+        cumulative average; default PyTorch's 0.1). Not allowed with a module.
+      eps: with a state dict, the PyTorch layer's eps (default 1e-5). Not allowed with a
+        module.
+      layout: the layout of the inputs the converted layer will see: ``"NCHW"`` (PyTorch's,
+        features on axis 1; also ``"NC"``, ``"NCL"``, ``"NCDHW"``) or ``"NHWC"`` (channels
+        last, axis -1, as Flax convolutions produce; also ``"NLC"``, ``"NDHWC"``). It sets
+        ``kwargs["axis"]``.
       values_per_channel: if given, rescale ``running_var`` to the biased average (see the
         module docstring); None keeps it as is (exact PyTorch eval outputs).
       param_dtype: dtype of the returned arrays.
@@ -151,16 +188,23 @@ def from_torch(
 
     Raises:
       ValueError: no running statistics (``track_running_stats=False``), a bad
-        ``values_per_channel``, or a missing ``num_batches_tracked`` when rescaling.
+        ``values_per_channel`` or ``layout``, a missing ``num_batches_tracked`` when
+        rescaling, or ``momentum``/``eps`` given with a module.
+      TypeError: ``source`` is neither a module nor a mapping.
 
     Example:
       >>> import numpy as np
       >>> sd = {"weight": np.ones(2), "bias": np.zeros(2), "running_mean": np.zeros(2),
       ...       "running_var": np.full(2, 2.0), "num_batches_tracked": np.array(3)}
-      >>> c = from_torch(sd)
-      >>> c.kwargs["momentum"], c.kwargs["epsilon"], c.variables["batch_stats"]["var"].tolist()
-      (0.9, 1e-05, [2.0, 2.0])
+      >>> c = from_torch(sd, layout="NHWC")
+      >>> c.kwargs["momentum"], c.kwargs["epsilon"], c.kwargs["axis"]
+      (0.9, 1e-05, -1)
+      >>> c.variables["batch_stats"]["var"].tolist()
+      [2.0, 2.0]
     """
+    if layout not in _LAYOUT_AXES:
+        raise ValueError(f"layout={layout!r} is not one of {sorted(_LAYOUT_AXES)}.")
+    state_dict, momentum, eps = _torch_source(source, momentum, eps)
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     missing = [k for k in ("running_mean", "running_var") if k not in sd]
     if missing:
@@ -181,8 +225,9 @@ def from_torch(
         params["bias"] = jnp.asarray(_np(sd["bias"]), param_dtype)
     stats = {"mean": jnp.asarray(_np(sd["running_mean"]), param_dtype),
              "var": jnp.asarray(var, param_dtype)}
-    kwargs: dict[str, Any] = {"axis": axis, "epsilon": float(eps), "use_scale": "weight" in sd,
-                              "use_bias": "bias" in sd, "param_dtype": param_dtype}
+    kwargs: dict[str, Any] = {"axis": _LAYOUT_AXES[layout], "epsilon": float(eps),
+                              "use_scale": "weight" in sd, "use_bias": "bias" in sd,
+                              "param_dtype": param_dtype}
     if momentum is not None:
         kwargs["momentum"] = torch_momentum(momentum)
     return Converted({"params": params, "batch_stats": stats}, kwargs)

@@ -180,3 +180,54 @@ def test_keras_weight_lists_and_dicts():
         convert.from_keras(w[1:])
     with pytest.raises(ValueError, match="accepted names"):
         convert.from_keras({"kernel": w[0]})
+
+
+# ---------------------------------------------------------------------------------------------
+# A real torch.nn.BatchNorm2d module, in both layouts.
+
+
+def _trained_torch_bn(**kwargs):
+    import torch
+
+    torch.manual_seed(0)
+    layer = torch.nn.BatchNorm2d(4, **kwargs)
+    if layer.affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2.0)
+            layer.bias.normal_()
+    layer.train()
+    for _ in range(3):  # a few training batches move the running statistics
+        layer(torch.randn(5, 4, 3, 3) * 2 + 1)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": 0.3, "eps": 1e-4}, {"affine": False}])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_from_torch_module_matches_torch_eval_output(kwargs, layout):
+    import torch
+
+    layer = _trained_torch_bn(**kwargs)
+    x = np.random.default_rng(1).normal(size=(2, 4, 3, 3)).astype(np.float32) * 3
+    with torch.no_grad():
+        want = layer(torch.from_numpy(x)).numpy()
+    c = convert.from_torch(layer, layout=layout)
+    assert c.kwargs["momentum"] == pytest.approx(1 - layer.momentum)
+    assert c.kwargs["epsilon"] == pytest.approx(layer.eps)
+    assert c.kwargs["use_scale"] == c.kwargs["use_bias"] == layer.affine
+    xin = x if layout == "NCHW" else x.transpose(0, 2, 3, 1)
+    got = bnjax.BatchNorm(**c.kwargs).apply(c.variables, xin, use_running_average=True)
+    got = np.asarray(got) if layout == "NCHW" else np.asarray(got).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_from_torch_module_refuses_what_it_cannot_honour():
+    import torch
+
+    with pytest.raises(ValueError, match="momentum=0.5 is given with a module"):
+        convert.from_torch(torch.nn.BatchNorm1d(3), momentum=0.5)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        convert.from_torch(torch.nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="layout='NWCH'"):
+        convert.from_torch(torch.nn.BatchNorm1d(3), layout="NWCH")
+    with pytest.raises(TypeError, match="from_torch got"):
+        convert.from_torch([1, 2, 3])
