@@ -175,7 +175,8 @@ def test_gradients_agree_with_float64_reference(problem):
         want = jax.grad(_naive_loss64, argnums=(0, 1, 2))(
             jnp.asarray(x32, jnp.float64), jnp.asarray(params["scale"], jnp.float64),
             jnp.asarray(params["bias"], jnp.float64), feat, eps, jnp.asarray(valid))
-        want = [np.asarray(w).reshape(s) for w, s in zip(want, (x.shape, fshape, fshape), strict=True)]
+        shapes = (x.shape, fshape, fshape)
+        want = [np.asarray(w).reshape(s) for w, s in zip(want, shapes, strict=True)]
     for got, ref in zip((gx, gp["scale"], gp["bias"]), want, strict=True):
         got = np.asarray(got, np.float64)
         assert np.all(np.isfinite(got))
