@@ -212,7 +212,14 @@ def check_dtype(name: str, dtype: Any, *, optional: bool = True) -> None:
 
 def check_per_feature(name: str, value: Array | None, feature_shape: tuple[int, ...],
                       axes: tuple[int, ...]) -> None:
-    """Checks that a statistic or parameter has the input's feature shape."""
+    """Checks that a statistic or parameter has the input's feature shape.
+
+    Example:
+      >>> check_per_feature("params['scale']", jnp.ones(4), (3,), (1,))
+      Traceback (most recent call last):
+      ...
+      ValueError: params['scale'] has shape (4,) but the input has feature shape (3,) on ...
+    """
     if value is not None and tuple(jnp.shape(value)) != feature_shape:
         raise ValueError(
             f"{name} has shape {tuple(jnp.shape(value))} but the input has feature shape "
@@ -292,7 +299,12 @@ def check_renorm_clipping(clipping: Any) -> Mapping[str, Any]:
 
 
 def check_virtual_batch(vbs: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
-    """Checks a ghost batch size against the input: a positive divisor of axis 0's size."""
+    """Checks a ghost batch size against the input: a positive divisor of axis 0's size.
+
+    Example:
+      >>> check_virtual_batch(4, (8, 3), (1,))
+      4
+    """
     if isinstance(vbs, bool) or not isinstance(vbs, int | np.integer) or vbs < 1:
         raise TypeError(
             f"virtual_batch_size={vbs!r} must be a positive int (the number of examples per "

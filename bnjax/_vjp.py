@@ -37,7 +37,13 @@ __all__ = ["normalize_with", "train_forward"]
 def normalize_with(x: Array, mean: Array, var: Array, scale: Array | None,
                    bias: Array | None, axes: tuple[int, ...], epsilon: float,
                    out_dtype: Any) -> Array:
-    """``scale * (x - mean) / sqrt(var + epsilon) + bias`` on canonical axes, no checks."""
+    """``scale * (x - mean) / sqrt(var + epsilon) + bias`` on canonical axes, no checks.
+
+    Example:
+      >>> normalize_with(jnp.array([[0.0], [2.0]]), jnp.ones(1), jnp.ones(1), None, None,
+      ...                (1,), 0.0, jnp.float32).ravel().tolist()
+      [-1.0, 1.0]
+    """
     dt = stat_dtype(x.dtype)
     mul = lax.rsqrt(var.astype(dt) + epsilon)
     if scale is not None:

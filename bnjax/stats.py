@@ -187,7 +187,12 @@ def axis_names(axis_name: str | Sequence[str]) -> tuple[Any, ...]:
 
 
 def vma(v: Any) -> frozenset:
-    """The manual mesh axes ``v`` varies over (``jax.shard_map`` with ``check_vma``)."""
+    """The manual mesh axes ``v`` varies over (``jax.shard_map`` with ``check_vma``).
+
+    Example:
+      >>> vma(jnp.zeros(3))
+      frozenset()
+    """
     aval = jax.typeof(v)
     mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
     return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
@@ -199,6 +204,12 @@ def gather_sums(local: Array, axis_name: str | Sequence[str] | None, axis_index_
 
     Returns:
       The parts, shape ``(P, *local.shape)``; ``P = 1`` without ``axis_name``.
+
+    Example:
+      >>> import jax
+      >>> parts = jax.vmap(lambda s: gather_sums(s, "d", None), axis_name="d")(jnp.ones((2, 4)))
+      >>> parts.shape
+      (2, 2, 4)
     """
     if axis_name is None:
         return local[None]
@@ -215,7 +226,14 @@ def gather_sums(local: Array, axis_name: str | Sequence[str] | None, axis_index_
 
 
 def check_axis(axis_name: str | Sequence[str], axis_index_groups: Any) -> None:
-    """Trace-time check: the axis name is bound and the groups partition it evenly."""
+    """Trace-time check: the axis name is bound and the groups partition it evenly.
+
+    Example:
+      >>> check_axis("batch", None)
+      Traceback (most recent call last):
+      ...
+      ValueError: axis_name='batch' is not bound here: 'batch' must be the axis_name of ...
+    """
     size = 1
     for name in axis_names(axis_name):
         try:
