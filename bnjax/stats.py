@@ -37,6 +37,7 @@ __all__ = [
     "local_sums",
     "moments",
     "stat_dtype",
+    "sums_of",
     "to_input_shape",
     "vma",
 ]
@@ -99,7 +100,7 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
     The shift is one value of the batch per feature (the first valid value of that feature),
     so the sums stay small even when ``|mean| / std`` is large. Masked-out values, whatever
     they hold (NaN, Inf, any finite value), take no part: they are selected away, never
-    multiplied by zero. The two sums are two reductions that each read ``x`` once (see below).
+    multiplied by zero. The two sums are computed by :func:`sums_of`.
 
     Args:
       x: input.
@@ -125,18 +126,47 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
         count = jnp.sum(mask, axis=red, dtype=dt)
         count = jnp.broadcast_to(count.reshape([mask.shape[a] for a in axes]), shift.shape)
     shift = lax.stop_gradient(shift)
-    # Each sum recomputes ``x - shift`` (and the cast of a half-precision ``x``) inside its own
-    # reduction, reading only ``x``. With one shared difference or cast, XLA (CPU) writes it
-    # out as a full-size temporary for the two sums to read, which costs more than reading
-    # ``x`` twice. Copies that XLA cannot merge keep both fused; the barrier moves no data.
-    x_1, x_2, shift_1, shift_2 = lax.optimization_barrier((x, x, shift, shift))
-    d1 = x_1.astype(dt) - to_input_shape(shift_1, x.ndim, axes)
-    d2 = x_2.astype(dt) - to_input_shape(shift_2, x.ndim, axes)
-    if mask is not None:
-        d1, d2 = jnp.where(mask, d1, 0), jnp.where(mask, d2, 0)
-    s1 = jnp.sum(d1, axis=red)
-    s2 = jnp.sum(d2 * d2, axis=red)
+
+    def deviation(x: Array, shift: Array, *rest: Array) -> Array:
+        d = x.astype(dt) - to_input_shape(shift, x.ndim, axes)
+        return d if mask is None else jnp.where(rest[0], d, 0)
+
+    operands = (x, shift) if mask is None else (x, shift, mask)
+    s1, s2 = sums_of(deviation, lambda *o: jnp.square(deviation(*o)), operands, red)
     return jnp.stack([count, shift, s1, s2])
+
+
+def sums_of(f1: Any, f2: Any, operands: tuple[Array, ...], red: tuple[int, ...]
+            ) -> tuple[Array, Array]:
+    """``(sum(f1(*operands)), sum(f2(*operands)))`` over ``red``, as each compiler fuses best.
+
+    The form is chosen when the computation is lowered for a platform:
+
+    - CPU: two reductions, each recomputing its elementwise function from the operands. With
+      one shared intermediate (a difference, a cast), XLA:CPU writes it out as a full-size
+      temporary for the two sums to read, which costs more than reading the operands twice;
+      copies that XLA cannot merge (an ``optimization_barrier``, which moves no data) keep
+      both reductions fused with their elementwise work.
+    - GPU and TPU: one variadic reduction of both values, so the operands are read once, in
+      one fusion.
+
+    Example:
+      >>> x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+      >>> s1, s2 = sums_of(lambda a: a, lambda a: a * a, (x,), (0,))
+      >>> s1.tolist(), s2.tolist()
+      ([4.0, 6.0], [10.0, 20.0])
+    """
+
+    def separate(*ops: Array) -> tuple[Array, Array]:
+        first, second = lax.optimization_barrier((ops, ops))
+        return jnp.sum(f1(*first), axis=red), jnp.sum(f2(*second), axis=red)
+
+    def one_pass(*ops: Array) -> tuple[Array, Array]:
+        a, b = f1(*ops), f2(*ops)
+        zero = (jnp.zeros((), a.dtype), jnp.zeros((), b.dtype))
+        return tuple(lax.reduce((a, b), zero, lambda u, v: (u[0] + v[0], u[1] + v[1]), red))
+
+    return lax.platform_dependent(*operands, cpu=separate, default=one_pass)
 
 
 def combine_sums(sums: Array) -> Moments:
@@ -153,6 +183,8 @@ def combine_sums(sums: Array) -> Moments:
       >>> m.mean.tolist(), m.var.tolist(), m.count.tolist()
       ([3.0], [2.6666667461395264], [3.0])
     """
+    if sums.shape[0] == 1:
+        return _one_part(sums[0])
     n, shift, s1, s2 = sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3]
     has = n > 0
     safe_n = jnp.where(has, n, 1)
@@ -171,6 +203,15 @@ def combine_sums(sums: Array) -> Moments:
     var = (jnp.sum(jnp.where(has, part_m2, 0), axis=0) + jnp.sum(spread, axis=0)) / safe_total
     mean = jnp.where(total > 0, ref + dev, 0)
     return Moments(mean, jnp.maximum(var, 0), total)
+
+
+def _one_part(sums: Array) -> Moments:
+    """``combine_sums`` of a single part: the same formula with fewer (small) operations."""
+    n, shift, s1, s2 = sums[0], sums[1], sums[2], sums[3]
+    safe_n = jnp.maximum(n, 1)
+    part_mean = s1 / safe_n
+    var = jnp.maximum(s2 - s1 * part_mean, 0) / safe_n
+    return Moments(jnp.where(n > 0, shift + part_mean, 0), var, n)
 
 
 _HAS_GATHER_TO = "to" in inspect.signature(lax.all_gather).parameters
