@@ -199,7 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+        prog="python -m benchmarks",
+        description="Benchmarks of bnjax: run one, print its tables, write its JSON with the "
+                    "run's provenance (see docs/benchmarks.md).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_step(sub)
     _add_others(sub)

@@ -42,3 +42,29 @@ def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
         assert data["folded_pairs"] == 19 and not data["kept"]  # every BN of ResNet-20
     else:
         assert data["devices"] == 8
+
+
+def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(tmp_path):
+    def run(*extra):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "inference_eval", "--config",
+             "configs/tiny.py", "--num_samples", "2", *extra],
+            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+            text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    run()
+    stdout = run("--num_epochs", "1")  # after the default run: no collision
+    assert "| statistics | test accuracy |" in stdout
+    runs = tmp_path / "runs" / "inference_eval"
+    assert sorted(p.name for p in runs.iterdir()) == ["tiny", "tiny_1ep"]
+    for name, epochs, steps in (("tiny", 2, 8), ("tiny_1ep", 1, 4)):
+        lines = (runs / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines][-1] == steps
+        data = json.loads((tmp_path / "bench_results" / f"inference_eval_{name}.json")
+                          .read_text())
+        assert data["num_epochs"] == epochs and data["train_steps"] == steps
+        assert data["meta"]["benchmark"] == "inference_eval"
+        assert 0.0 <= min(data["auroc"].values()) <= max(data["auroc"].values()) <= 1.0
+        assert data["folded_max_rel_logit_diff"] < 1e-5
