@@ -178,9 +178,10 @@ class CNN1D(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = CNN1D(num_classes=10)
-      >>> x = jnp.zeros((2, 40))
-      >>> variables = model.init(jax.random.key(0), x, training=False)
-      >>> model.apply(variables, x, training=False).shape
+      >>> x = jax.ShapeDtypeStruct((2, 40), jnp.float32)  # shapes only: nothing runs
+      >>> variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, training=False),
+      ...                            x)
+      >>> jax.eval_shape(lambda v, x: model.apply(v, x, training=False), variables, x).shape
       (2, 10)
     """
 
