@@ -1,6 +1,6 @@
 """Trains a model with bnjax.BatchNorm; the default is a 1D conv net on MNIST-1D (no network).
 
-Usage (from the repository root):
+Usage (from the repository root, after ``pip install -e ".[train]"``):
 
     python train.py                                   # configs/default.py -> runs/default
     python train.py --config configs/tiny.py --workdir /tmp/tiny
@@ -8,7 +8,8 @@ Usage (from the repository root):
 
 Running the same command again on the same ``--workdir`` resumes from the last checkpoint.
 The config files are Python (``get_config()``), executed as code by design: run only configs
-you trust.
+you trust. The program itself is the ``bnjax_train`` package next to this file
+(``bnjax_train.train.train_and_evaluate``).
 
 Multi-host (several processes, e.g. one per machine), on every process:
 
@@ -16,8 +17,8 @@ Multi-host (several processes, e.g. one per machine), on every process:
 
 or the environment variables ``BNJAX_COORDINATOR_ADDRESS``, ``BNJAX_NUM_PROCESSES`` and
 ``BNJAX_PROCESS_ID``; these call ``jax.distributed.initialize`` (through
-``bnjax.training.initialize_distributed``) before anything else, and each process then reads
-its own shard of the data.
+``bnjax.initialize_distributed``) before anything else, and each process then reads its own
+shard of the data.
 """
 
 import os
@@ -50,14 +51,14 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
-    """Validates the config, then trains (``bnjax.training.train_and_evaluate``)."""
+    """Validates the config, then trains (``bnjax_train.train.train_and_evaluate``)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; see --helpfull.")
     if "--verbosity" not in " ".join(sys.argv) and "-v" not in sys.argv:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     # Imported here so that --help answers without starting JAX.
-    from bnjax import data as data_lib
-    from bnjax import training
+    import bnjax
+    from bnjax_train import input_pipeline, train
 
     if FLAGS.jax_cache_dir:
         import jax
@@ -67,15 +68,15 @@ def main(argv: list[str]) -> int:
         if not FLAGS.coordinator_address:
             raise app.UsageError("--num_processes > 1 needs --coordinator_address=HOST:PORT "
                                  "(or BNJAX_COORDINATOR_ADDRESS).")
-        training.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                        FLAGS.process_id)
+        bnjax.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                     FLAGS.process_id)
     workdir = FLAGS.workdir
     if not workdir:
         name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
         workdir = os.path.join("runs", name)
     try:
-        training.train_and_evaluate(FLAGS.config, workdir)
-    except (ValueError, data_lib.DatasetNotFoundError, training.NonFiniteTrainingError) as e:
+        train.train_and_evaluate(FLAGS.config, workdir)
+    except (ValueError, input_pipeline.DatasetNotFoundError, train.NonFiniteTrainingError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     return 0

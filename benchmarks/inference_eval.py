@@ -1,14 +1,16 @@
-"""Inference tools on a trained model: PreciseBN, Monte Carlo batch norm, folding.
+r"""Inference tools on a trained model: PreciseBN, Monte Carlo batch norm, folding.
 
-Usage (from the repository root):
+Command (from the repository root)::
 
-    python benchmarks/inference_eval.py                  # configs/default.py (MNIST-1D)
-    python benchmarks/inference_eval.py --config configs/default.py \
-        --workdir runs/inference_eval --num_samples 32 --out benchmarks/results/inference_eval.json
+    python -m benchmarks inference_eval                  # configs/default.py (MNIST-1D)
+    python -m benchmarks inference_eval --num_epochs 2   # its own workdir and output
+    python -m benchmarks inference_eval --config configs/default.py --num_samples 32 \
+        --out benchmarks/results/inference_eval.json
 
-Trains the config's model with ``bnjax.training.train_and_evaluate`` into ``--workdir`` (an
-existing finished run there is reused), restores the final parameters and moving statistics
-from its last checkpoint, and reports on the test set:
+Trains the config's model with ``bnjax_train.train.train_and_evaluate`` into ``--workdir``
+(default ``runs/inference_eval/<config name>[_<N>ep]``, one per training configuration; a
+finished run there is reused), restores the final parameters and moving statistics from its last
+checkpoint, and reports on the test set:
 
 - accuracy with the moving-average statistics vs PreciseBN population statistics
   (``bnjax.precise_batch_stats`` over the whole training set, in batches of the training batch
@@ -19,17 +21,13 @@ from its last checkpoint, and reports on the test set:
   is the test set with the positions of every sequence shuffled (a random permutation per
   example), which keeps each sequence's values and destroys its shape;
 - the folded model (``bnjax.fold_batch_norm``): its accuracy and largest logit difference.
-
-Prints a table and writes every figure to JSON.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,9 +36,11 @@ import numpy as np
 from scipy.stats import rankdata
 
 import bnjax
-from bnjax import data as data_lib
-from bnjax import models as models_lib
-from bnjax import training
+from benchmarks.common import entropy
+from bnjax_train import checkpointing, config_lib, input_pipeline, train
+from bnjax_train import models as models_lib
+
+__all__ = ["auroc", "default_workdir", "run"]
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -55,22 +55,15 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def restore_variables(workdir: str) -> dict[str, Any]:
-    """``{"params", "batch_stats"}`` of the last checkpoint that train.py wrote in ``workdir``."""
-    import orbax.checkpoint as ocp
+def default_workdir(config_path: str, num_epochs: int = 0) -> str:
+    """The workdir of one training configuration: ``runs/inference_eval/<name>[_<N>ep]``.
 
-    mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                 item_names=("state", "meta"))
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir!r}")
-    tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-    mngr.close()
-    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
-
-
-def _entropy(p: jax.Array) -> np.ndarray:
-    return np.asarray(-jnp.sum(p * jnp.log(jnp.clip(p, 1e-30)), axis=-1))
+    Example:
+      >>> default_workdir("configs/default.py"), default_workdir("configs/default.py", 2)
+      ('runs/inference_eval/default', 'runs/inference_eval/default_2ep')
+    """
+    name = Path(config_path).stem + (f"_{num_epochs}ep" if num_epochs else "")
+    return os.path.join("runs", "inference_eval", name)
 
 
 def _stat_differences(moving: Any, precise: Any) -> dict[str, float]:
@@ -91,65 +84,30 @@ def _stat_differences(moving: Any, precise: Any) -> dict[str, float]:
             "mean_diff_in_std_max": float(mean_std.max())}
 
 
-def run(config_path: str, workdir: str, num_samples: int, seed: int,
-        num_epochs: int = 0) -> dict[str, Any]:
-    """Trains (or reuses) the run, then measures the inference tools; returns the figures."""
-    config = training.load_config(config_path)
-    config.progress_bar = False
-    if num_epochs:
-        config.num_epochs = num_epochs
-        config.warmup_epochs = min(config.warmup_epochs, num_epochs)
-    t0 = time.time()
-    train_result = training.train_and_evaluate(config, workdir)
-    train_s = time.time() - t0
-    variables = jax.tree.map(jnp.asarray, restore_variables(workdir))
-
-    ds = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
-                               validation_split=config.validation_split)
-    model = models_lib.create_model(config.model, num_classes=ds.num_classes,
-                                    norm=training.resolved_norm(config),
-                                    **dict(config.model_kwargs))
-    x_test = jnp.asarray(ds.normalize(ds.test.x))
-    y_test = np.asarray(ds.test.y)
-    rng = np.random.default_rng(seed)
-    x_train = ds.normalize(ds.train.x[rng.permutation(len(ds.train))])
-    bs = config.batch_size
-    train_batches = [jnp.asarray(x_train[i:i + bs]) for i in range(0, len(x_train) - bs + 1, bs)]
-    # Out of distribution: every test sequence with its positions shuffled.
-    x_ood = jnp.asarray(ds.normalize(rng.permuted(ds.test.x, axis=1)))
-
-    apply = jax.jit(lambda v, x: model.apply(v, x, training=False))
-
-    def accuracy(v: Any) -> float:
-        return float(np.mean(np.argmax(np.asarray(apply(v, x_test)), -1) == y_test))
-
-    out: dict[str, Any] = {
-        "config": config_path, "workdir": workdir, "model": config.model,
-        "num_epochs": config.num_epochs, "train_steps": train_result.get("step"),
-        "dataset": config.dataset, "train_seconds": train_s,
-        "train_result_test_accuracy": train_result.get("test_accuracy"),
-        "num_train_batches": len(train_batches), "batch_size": bs,
-    }
-    out["test_accuracy_moving"] = accuracy(variables)
-
-    # PreciseBN over the whole training set.
+def _precise_bn(ctx: dict[str, Any], out: dict[str, Any]) -> None:
+    """PreciseBN over the whole training set, biased and unbiased variance."""
     for unbiased in (False, True):
         t = time.time()
-        precise = bnjax.precise_batch_stats(model, variables, train_batches,
-                                            num_batches=len(train_batches), unbiased=unbiased)
+        precise = bnjax.precise_batch_stats(ctx["model"], ctx["variables"], ctx["batches"],
+                                            num_batches=len(ctx["batches"]), unbiased=unbiased)
         key = "precise_unbiased" if unbiased else "precise"
-        out[f"test_accuracy_{key}"] = accuracy(precise)
+        out[f"test_accuracy_{key}"] = ctx["accuracy"](precise)
         out[f"{key}_seconds"] = time.time() - t
         if not unbiased:
-            out["precise_vs_moving"] = _stat_differences(variables["batch_stats"],
+            out["precise_vs_moving"] = _stat_differences(ctx["variables"]["batch_stats"],
                                                          precise["batch_stats"])
 
-    # Monte Carlo batch norm, in and out of distribution (the same sampled batches).
+
+def _mc_batch_norm(ctx: dict[str, Any], out: dict[str, Any], num_samples: int,
+                   seed: int) -> None:
+    """Monte Carlo batch norm, in and out of distribution (the same sampled batches)."""
+    model, variables, apply = ctx["model"], ctx["variables"], ctx["apply"]
+    x_test, x_ood, y_test = ctx["x_test"], ctx["x_ood"], ctx["y_test"]
     key = jax.random.key(seed)
     t = time.time()
-    mc_in = bnjax.mc_batch_norm_predict(model, variables, x_test, train_batches, num_samples,
+    mc_in = bnjax.mc_batch_norm_predict(model, variables, x_test, ctx["batches"], num_samples,
                                         rng=key)
-    mc_out = bnjax.mc_batch_norm_predict(model, variables, x_ood, train_batches, num_samples,
+    mc_out = bnjax.mc_batch_norm_predict(model, variables, x_ood, ctx["batches"], num_samples,
                                          rng=key)
     out["mcbn_seconds"] = time.time() - t
     out["mcbn_num_samples"] = num_samples
@@ -162,70 +120,74 @@ def run(config_path: str, workdir: str, num_samples: int, seed: int,
         "mcbn_mutual_information": auroc(np.asarray(mc_out.mutual_information),
                                          np.asarray(mc_in.mutual_information)),
         "mcbn_variance": auroc(np.asarray(mc_out.variance), np.asarray(mc_in.variance)),
-        "plain_softmax_entropy": auroc(_entropy(plain_out), _entropy(plain_in)),
+        "plain_softmax_entropy": auroc(entropy(plain_out), entropy(plain_in)),
     }
 
-    # Folding.
+
+def _folding(ctx: dict[str, Any], out: dict[str, Any]) -> None:
+    model, variables, x_test = ctx["model"], ctx["variables"], ctx["x_test"]
     folded, fvars = bnjax.fold_batch_norm(model, variables, x_test)
     f_logits = np.asarray(jax.jit(lambda v, x: folded.apply(v, x, training=False))(fvars,
                                                                                     x_test))
-    logits = np.asarray(apply(variables, x_test))
+    logits = np.asarray(ctx["apply"](variables, x_test))
     out["folded_pairs"] = len(folded.folded)
     out["folded_kept"] = [list(k) for k in folded.kept]
-    out["test_accuracy_folded"] = float(np.mean(np.argmax(f_logits, -1) == y_test))
+    out["test_accuracy_folded"] = float(np.mean(np.argmax(f_logits, -1) == ctx["y_test"]))
     out["folded_max_rel_logit_diff"] = float(np.abs(f_logits - logits).max()
                                              / np.abs(logits).max())
-    out["environment"] = {"jax": jax.__version__, "backend": jax.default_backend(),
-                          "devices": jax.device_count()}
+
+
+def _context(config: Any, workdir: str, seed: int) -> dict[str, Any]:
+    """The trained model, its variables, the test, out-of-distribution and training inputs."""
+    variables = jax.tree.map(jnp.asarray, checkpointing.restore_variables(workdir))
+    ds = input_pipeline.load_dataset(config.dataset, data_dir=config.data_dir,
+                                     validation_split=config.validation_split)
+    model = models_lib.create_model(config.model, num_classes=ds.num_classes,
+                                    norm=config_lib.resolved_norm(config),
+                                    **dict(config.model_kwargs))
+    rng = np.random.default_rng(seed)
+    x_train = ds.normalize(ds.train.x[rng.permutation(len(ds.train))])
+    bs = config.batch_size
+    apply = jax.jit(lambda v, x: model.apply(v, x, training=False))
+    x_test, y_test = jnp.asarray(ds.normalize(ds.test.x)), np.asarray(ds.test.y)
+
+    def accuracy(v: Any) -> float:
+        return float(np.mean(np.argmax(np.asarray(apply(v, x_test)), -1) == y_test))
+
+    return {
+        "model": model, "variables": variables, "apply": apply, "accuracy": accuracy,
+        "x_test": x_test, "y_test": y_test,
+        "batches": [jnp.asarray(x_train[i:i + bs]) for i in range(0, len(x_train) - bs + 1, bs)],
+        # Out of distribution: every test sequence with its positions shuffled.
+        "x_ood": jnp.asarray(ds.normalize(rng.permuted(ds.test.x, axis=1))),
+    }
+
+
+def run(config_path: str, workdir: str, num_samples: int, seed: int,
+        num_epochs: int = 0) -> dict[str, Any]:
+    """Trains (or reuses) the run, then measures the inference tools; returns the figures.
+
+    Example:
+      >>> r = run("configs/tiny.py", "runs/ie_tiny", num_samples=2, seed=0)  # doctest: +SKIP
+    """
+    config = config_lib.load_config(config_path)
+    config.progress_bar = False
+    if num_epochs:
+        config.num_epochs = num_epochs
+        config.warmup_epochs = min(config.warmup_epochs, num_epochs)
+    t0 = time.time()
+    train_result = train.train_and_evaluate(config, workdir)
+    train_s = time.time() - t0
+    ctx = _context(config, workdir, seed)
+    out: dict[str, Any] = {
+        "config": config_path, "workdir": workdir, "model": config.model,
+        "num_epochs": config.num_epochs, "train_steps": train_result.get("step"),
+        "dataset": config.dataset, "train_seconds": train_s,
+        "train_result_test_accuracy": train_result.get("test_accuracy"),
+        "num_train_batches": len(ctx["batches"]), "batch_size": config.batch_size,
+        "test_accuracy_moving": ctx["accuracy"](ctx["variables"]),
+    }
+    _precise_bn(ctx, out)
+    _mc_batch_norm(ctx, out, num_samples, seed)
+    _folding(ctx, out)
     return out
-
-
-def format_table(r: dict[str, Any]) -> str:
-    """Markdown tables of one run."""
-    pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
-    rows = [
-        ("moving-average statistics (plain inference)", pct(r["test_accuracy_moving"])),
-        (f"PreciseBN, {r['num_train_batches']} batches of {r['batch_size']}",
-         pct(r["test_accuracy_precise"])),
-        ("PreciseBN, unbiased m/(m-1)", pct(r["test_accuracy_precise_unbiased"])),
-        (f"MCBN mean of {r['mcbn_num_samples']} samples", pct(r["test_accuracy_mcbn"])),
-        (f"folded ({r['folded_pairs']} BN folded, {len(r['folded_kept'])} kept)",
-         pct(r["test_accuracy_folded"])),
-    ]
-    a = ["| statistics | test accuracy |", "|---|---|"] + [f"| {n} | {v} |" for n, v in rows]
-    b = ["| uncertainty score | AUROC (shuffled vs test) |", "|---|---|"] + [
-        f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in r["auroc"].items()]
-    d = r["precise_vs_moving"]
-    return (f"{r['model']} on {r['dataset']} ({r['config']}, {r['num_epochs']} epochs, "
-            f"{r['train_steps']} steps):\n\n" + "\n".join(a) + "\n\n"
-            + "moving vs precise statistics: variance differs by "
-            f"{100 * d['var_rel_diff_median']:.2f}% "
-            f"(median over channels; max {100 * d['var_rel_diff_max']:.1f}%), mean by "
-            f"{d['mean_diff_in_std_median']:.3f} std (max {d['mean_diff_in_std_max']:.3f})\n\n"
-            + "\n".join(b) + f"\n\nfolded vs unfolded logits: max relative difference "
-            f"{r['folded_max_rel_logit_diff']:.1e}; plain accuracy on the shuffled inputs "
-            f"{pct(r['ood_accuracy_plain'])}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry point."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/default.py")
-    p.add_argument("--workdir", default="runs/inference_eval")
-    p.add_argument("--num_samples", type=int, default=32, help="MCBN samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_epochs", type=int, default=0,
-                   help="override the config's number of epochs (0: keep it)")
-    p.add_argument("--out", default="benchmarks/results/inference_eval.json")
-    a = p.parse_args(argv)
-    r = run(a.config, a.workdir, a.num_samples, a.seed, a.num_epochs)
-    print(format_table(r))
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(r, f, indent=2)
-    print(f"\nwrote {a.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,6 +31,14 @@ from bnjax.inference import (
     precise_batch_stats,
 )
 from bnjax.linen import BatchNorm, make_constrain_fn
+from bnjax.parallel import (
+    initialize_distributed,
+    replicate,
+    shard_batch,
+    unreplicate,
+    validate_data_parallel,
+)
+from bnjax.steps import TrainState, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 
@@ -39,20 +47,28 @@ __all__ = [
     "FoldedModel",
     "MCBNPrediction",
     "Moments",
+    "TrainState",
     "__version__",
     "batch_norm",
     "canonicalize_axes",
     "export_folded_model",
     "fold_batch_norm",
     "init_renorm_stats",
+    "initialize_distributed",
     "make_constrain_fn",
+    "make_eval_step",
+    "make_train_step",
     "mc_batch_norm_predict",
     "moments",
     "normalize",
     "precise_batch_stats",
     "renorm_schedule",
+    "replicate",
     "resolve_training",
+    "shard_batch",
+    "unreplicate",
     "update_moving_stats",
+    "validate_data_parallel",
 ]
 
 

@@ -7,7 +7,8 @@ global batch is split across every local device and each bnjax.BatchNorm layer c
 statistics of the global batch (axis_name="batch").
 
 Command (CIFAR-10 must be prepared first, on a machine with network:
-`pip install tensorflow && python -m bnjax.data prepare tfds:cifar10 --data_dir data`):
+`pip install tensorflow && python -m bnjax_train.input_pipeline prepare tfds:cifar10
+--data_dir data`):
 
     python train.py --config configs/cifar10_resnet20.py --workdir runs/cifar10_resnet20
 

@@ -4,7 +4,8 @@ Adam, batch 250, 25 epochs, 20% of the training set held out for validation (the
 `val_accuracy` as well as `test_accuracy`).
 
 Command (KMNIST must be prepared first, on a machine with network:
-`pip install tensorflow && python -m bnjax.data prepare tfds:kmnist --data_dir data`):
+`pip install tensorflow && python -m bnjax_train.input_pipeline prepare tfds:kmnist
+--data_dir data`):
 
     python train.py --config configs/kmnist_cnn.py --workdir runs/kmnist_cnn
 

@@ -7,9 +7,9 @@ Command (one run per norm; only ``--config.norm`` changes):
         --workdir runs/sb_batch
     # ... and --config.norm=ghost, group, layer, none
 
-``norm`` picks the layer of every conv and dense block (``bnjax.models.make_norm``):
+``norm`` picks the layer of every conv and dense block (``bnjax_train.models.make_norm``):
 ``"batch"`` (plain batch norm over the 8 examples), ``"renorm"`` (batch renormalization,
-Ioffe 2017, with the clipping ramp of ``bnjax.models.NORM_DEFAULTS``: plain BN for 500 steps,
+Ioffe 2017, with the clipping ramp of ``bnjax_train.models.NORM_DEFAULTS``: plain BN for 500 steps,
 then rmax -> 3 by step 4000 and dmax -> 5 by step 2500), ``"ghost"`` (ghost batches of 4: even
 noisier statistics, a regularizer), ``"group"`` / ``"layer"`` (statistics per example, so the
 batch size does not matter) and ``"none"``. Per-norm options live in

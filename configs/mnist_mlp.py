@@ -4,7 +4,8 @@ Three fully connected sigmoid hidden layers of 100 units, batch 60, 50000 steps 
 (50 epochs of the 60000 training images); batch norm before each sigmoid, or none.
 
 Commands (MNIST must be prepared first, on a machine with network:
-`pip install tensorflow && python -m bnjax.data prepare tfds:mnist --data_dir data`):
+`pip install tensorflow && python -m bnjax_train.input_pipeline prepare tfds:mnist
+--data_dir data`):
 
     python train.py --config configs/mnist_mlp.py --workdir runs/mnist_mlp_bn
     python train.py --config configs/mnist_mlp.py --config.with_bn=False \

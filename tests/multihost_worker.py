@@ -23,7 +23,7 @@ LR = 0.1
 
 def main() -> None:
     process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    from bnjax.training import initialize_distributed
+    from bnjax.parallel import initialize_distributed
 
     initialize_distributed(f"127.0.0.1:{port}", NUM_PROCESSES, process_id,
                            initialization_timeout=30)
@@ -31,12 +31,8 @@ def main() -> None:
     import optax
     from bn_reference import SyncMLP, init_variables, make_data
 
-    from bnjax.training import (
-        TrainState,
-        make_eval_step,
-        make_train_step,
-        replicate,
-    )
+    from bnjax.parallel import replicate
+    from bnjax.steps import TrainState, make_eval_step, make_train_step
 
     assert jax.process_count() == NUM_PROCESSES and jax.local_device_count() == 2, (
         jax.process_count(), jax.local_device_count())

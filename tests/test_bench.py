@@ -1,21 +1,27 @@
-"""`python -m bnjax.bench --quick` runs and writes well-formed JSON (no time is asserted)."""
+"""`python -m benchmarks step --quick` runs and writes well-formed JSON (no time is asserted)."""
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from bnjax.bench import op
+from benchmarks import op
+from benchmarks.report import render_all
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bnjax.bench", "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "benchmarks", "step", "--quick", "--out", str(out)],
+        cwd=out.parent, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+        text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -35,11 +41,17 @@ def test_header_names_machine_and_versions(quick_run):
     stdout, result = quick_run
     meta = result["meta"]
     assert meta["quick"] is True and meta["reps"] >= 1
-    assert meta["command"].startswith("python -m bnjax.bench --quick")
+    assert meta["command"].startswith("python -m benchmarks step --quick")
+    assert meta["benchmark"] == "step" and meta["parts"] == ["op", "model"]
+    assert len(meta["git_commit"]) == 40 and isinstance(meta["git_dirty"], bool)
     env = meta["environment"]
-    for key in ("device", "jax", "jaxlib", "flax", "cpu", "cores", "load_average"):
+    for key in ("device", "jax", "jaxlib", "flax", "optax", "numpy", "cpu", "cores",
+                "load_average"):
         assert key in env, key
-    assert "# bnjax benchmarks" in stdout and env["jax"] in stdout
+    assert len(env["load_average"]) == len(meta["load_average_end"]) == 3
+    assert meta["git_commit"][:12] in stdout and env["jax"] in stdout
+    # What was printed is the report of the JSON.
+    assert render_all(result) in stdout
 
 
 def test_op_rows_cover_every_shape_dtype_pass_and_impl(quick_run):

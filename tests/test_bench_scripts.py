@@ -1,9 +1,10 @@
-"""The fold and sync benchmark scripts run (``--quick``) and write well-formed JSON.
+"""`python -m benchmarks fold|sync --quick` run and write well-formed JSON where they should.
 
-Times are never asserted: only that the scripts work and report what the README quotes.
+Times are never asserted: only that the benchmarks work and report what the docs quote.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -14,23 +15,56 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script,keys", [
-    ("fold_bench.py", ["folded_pairs", "kept", "max_rel_err_folded_vs_unfolded",
-                       "speedup_paired_median", "results"]),
-    ("sync_bench.py", ["devices", "ratio_sync_over_local", "results"]),
+    ("fold", ["folded_pairs", "kept", "max_rel_err_folded_vs_unfolded",
+              "speedup_paired_median", "results"]),
+    ("sync", ["devices", "ratio_sync_over_local", "results"]),
 ])
 def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
-    out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick",
-                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    # fold writes to its default --out (under bench_results/ of the current directory).
+    out = tmp_path / ("bench_results/fold.json" if script == "fold" else "out.json")
+    extra = [] if script == "fold" else ["--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", script, "--quick", *extra],
+                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["quick"] is True
+    meta = data["meta"]
+    assert meta["benchmark"] == script and meta["command"].startswith(
+        f"python -m benchmarks {script} --quick")
+    assert meta["git_commit"] and {"cpu", "cores", "jax", "flax", "load_average"} <= set(
+        meta["environment"])
     for key in keys:
         assert key in data, f"{script} JSON lacks {key!r}"
     assert data["results"], f"{script} recorded no timings"
-    if script == "fold_bench.py":
+    if script == "fold":
         assert data["max_rel_err_folded_vs_unfolded"] < 1e-5
         assert data["folded_pairs"] == 19 and not data["kept"]  # every BN of ResNet-20
     else:
         assert data["devices"] == 8
+
+
+def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(tmp_path):
+    def run(*extra):
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks", "inference_eval", "--config",
+             "configs/tiny.py", "--num_samples", "2", *extra],
+            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+            text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    run()
+    stdout = run("--num_epochs", "1")  # after the default run: no collision
+    assert "| statistics | test accuracy |" in stdout
+    runs = tmp_path / "runs" / "inference_eval"
+    assert sorted(p.name for p in runs.iterdir()) == ["tiny", "tiny_1ep"]
+    for name, epochs, steps in (("tiny", 2, 8), ("tiny_1ep", 1, 4)):
+        lines = (runs / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines][-1] == steps
+        data = json.loads((tmp_path / "bench_results" / f"inference_eval_{name}.json")
+                          .read_text())
+        assert data["num_epochs"] == epochs and data["train_steps"] == steps
+        assert data["meta"]["benchmark"] == "inference_eval"
+        assert 0.0 <= min(data["auroc"].values()) <= max(data["auroc"].values()) <= 1.0
+        assert data["folded_max_rel_logit_diff"] < 1e-5

@@ -1,4 +1,4 @@
-"""`python -m bnjax.compare` end to end on the tiny config: both runs, the figure, the table."""
+"""`python -m bnjax_train.compare` on the tiny config: both runs, the figure, the table."""
 
 import json
 import pathlib
@@ -15,7 +15,7 @@ def _first_step(records, key, ok):
 def test_compare_runs_both_variants_and_reports_steps_to_target(tmp_path):
     target = 0.105
     proc = subprocess.run(
-        [sys.executable, "-m", "bnjax.compare", "--config", str(ROOT / "configs" / "tiny.py"),
+        [sys.executable, "-m", "bnjax_train.compare", "--config", str(ROOT / "configs" / "tiny.py"),
          "--workdir", str(tmp_path), "--target", str(target), "--loss_target", "2.35"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""bnjax.data: MNIST-1D (vs the mnist1d package), tfds sets the tests write, batches, shards."""
+"""bnjax_train.input_pipeline: MNIST-1D (vs the mnist1d package), tfds sets, batches, shards."""
 
 import os
 import time
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tfds_fake
 
-from bnjax import data
+from bnjax_train import input_pipeline as data
+from bnjax_train import sources
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +43,7 @@ def test_mnist1d_is_the_packages_default_dataset_and_is_cached(mnist1d, data_dir
 
 
 def test_mnist1d_damaged_cache_is_rebuilt(tmp_path, mnist1d):
-    path = data._mnist1d_cache_path(str(tmp_path))
+    path = sources._mnist1d_cache_path(str(tmp_path))
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
         f.write(b"PK\x03\x04 truncated")
@@ -181,7 +182,7 @@ def test_missing_tfds_set_fails_fast_with_a_clear_message(tmp_path, monkeypatch)
     msg = str(info.value)
     assert "'tfds:mnist'" in msg
     assert str(tmp_path / "d") in msg and str(tmp_path / "home" / "tensorflow_datasets") in msg
-    assert "python -m bnjax.data prepare tfds:mnist" in msg
+    assert "python -m bnjax_train.input_pipeline prepare tfds:mnist" in msg
 
 
 @pytest.mark.parametrize("name", ["mnist", "tfds:", "tfds:../x", "", None, "MNIST1D"])

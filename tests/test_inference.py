@@ -181,7 +181,7 @@ ZOO = [
 @pytest.mark.parametrize("name,norm,shape,num_folded", ZOO,
                          ids=[f"{z[0]}-{z[1]}" for z in ZOO])
 def test_fold_model_zoo(name, norm, shape, num_folded):
-    models = pytest.importorskip("bnjax.models")
+    from bnjax_train import models
     model = models.create_model(name, num_classes=10, norm=norm)
     x = jax.random.normal(jax.random.key(0), shape)
     variables = _init(model, x, 4)
@@ -441,17 +441,18 @@ def test_export_folded_model_round_trip(tmp_path):
 
 
 def test_training_config_switches(tmp_path):
-    training = pytest.importorskip("bnjax.training")
-    config = training.load_config("tiny")
+    from bnjax_train import config_lib, train
+
+    config = config_lib.load_config("tiny")
     config.update(num_epochs=1, max_train_examples=128, batch_size=64, eval_batch_size=128,
                   data_dir=str(tmp_path / "data"))
     for field, bad in (("precise_bn_batches", -1), ("precise_bn_batches", 1.5),
                        ("export_folded", 1)):
         broken = ml_collections.ConfigDict({**config.to_dict(), field: bad})
         with pytest.raises(ValueError, match=f"config.{field}"):
-            training.validate_config(broken, num_devices=1)
+            config_lib.validate_config(broken, num_devices=1)
     config.update(precise_bn_batches=1, export_folded=True)
-    result = training.train_and_evaluate(config, str(tmp_path / "run"))
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert 0.0 <= result["test_accuracy_precise_bn"] <= 1.0
     assert np.isfinite(result["test_loss_precise_bn"])
     assert result["folded_export"].endswith("folded_model.jax_export")

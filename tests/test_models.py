@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import bnjax
-from bnjax import models
+from bnjax_train import models
 
 
 def _sigmoid(z):

@@ -19,7 +19,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
-from bnjax import training
 
 D = 8  # devices
 C = 3  # features
@@ -273,12 +272,12 @@ def test_compiled_train_step_has_one_collective_per_bn_layer(layers):
     for axis_name in ("batch", None):
         model = SyncMLP(layers=layers, axis_name=axis_name)
         v = init_variables(layers=layers)
-        state = training.replicate(training.TrainState.create(
+        state = bnjax.replicate(bnjax.TrainState.create(
             apply_fn=model.apply, params=v["params"], batch_stats=v["batch_stats"],
             tx=optax.sgd(0.1)))
         x, y = make_data(D * 4)
-        batch = training.shard_batch({"x": x, "y": y})
-        step = training.make_train_step(data_parallel=True)
+        batch = bnjax.shard_batch({"x": x, "y": y})
+        step = bnjax.make_train_step(data_parallel=True)
         hlo = step.lower(state, batch).compile().as_text()
         counts[axis_name] = (_count(hlo, "all-gather"), _count(hlo, "all-reduce"))
     (ag_sync, ar_sync), (ag_local, ar_local) = counts["batch"], counts[None]

@@ -15,7 +15,7 @@ import tfds_fake
 from jax.experimental.compilation_cache import compilation_cache
 from processes import free_port, run_processes
 
-from bnjax import data, models, training
+from bnjax_train import config_lib, input_pipeline, models, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("elapsed_s",)
@@ -25,7 +25,7 @@ TIMING_KEYS = ("elapsed_s",)
 def data_dir(tmp_path_factory):
     """One MNIST-1D cache for the session (shared with test_data.py)."""
     path = str(tmp_path_factory.getbasetemp() / "bnjax_data")
-    data.load_dataset("mnist1d", data_dir=path)
+    input_pipeline.load_dataset("mnist1d", data_dir=path)
     return path
 
 
@@ -45,7 +45,7 @@ def compile_cache(tmp_path_factory):
 
 
 def tiny(data_dir, **overrides):
-    config = training.load_config("tiny")
+    config = config_lib.load_config("tiny")
     config.data_dir = data_dir
     config.update(overrides)
     return config
@@ -75,7 +75,7 @@ def tiny_run(data_dir, tmp_path_factory):
     """The uninterrupted tiny run on the 8 CPU devices (data parallel, synchronized BN)."""
     workdir = str(tmp_path_factory.mktemp("tiny_full"))
     config = tiny(data_dir)
-    result = training.train_and_evaluate(config, workdir)
+    result = train.train_and_evaluate(config, workdir)
     return config, workdir, result
 
 
@@ -105,7 +105,7 @@ def test_tiny_end_to_end_on_8_devices_writes_its_files(tiny_run, data_dir):
     assert int(state["step"]) == 8
     assert set(state) == {"step", "params", "batch_stats", "opt_state", "rng"}
     assert meta["epoch"] == 2 and meta["batch_in_epoch"] == 0
-    ds = data.load_dataset("mnist1d", data_dir=data_dir)
+    ds = input_pipeline.load_dataset("mnist1d", data_dir=data_dir)
     model = models.create_model("cnn1d", num_classes=10, **dict(config.model_kwargs))
     logits = jax.jit(lambda v, x: model.apply(v, x, training=False))(
         {"params": state["params"], "batch_stats": state["batch_stats"]},
@@ -118,21 +118,21 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tiny_run, data_dir, 
     _, full_dir, _ = tiny_run
     workdir = str(tmp_path)
     # Stop mid-epoch 1, then mid-epoch 2, then finish: three processes' worth of work.
-    first = training.train_and_evaluate(tiny(data_dir, stop_after_steps=3), workdir)
+    first = train.train_and_evaluate(tiny(data_dir, stop_after_steps=3), workdir)
     assert first["interrupted"] and checkpoint_steps(workdir) == [3]
     assert read_metrics(workdir) == []
     with pytest.raises(ValueError, match="config.learning_rate: 0.003 there, 0.1 now"):
-        training.train_and_evaluate(tiny(data_dir, learning_rate=0.1), workdir)
-    second = training.train_and_evaluate(tiny(data_dir, stop_after_steps=6), workdir)
+        train.train_and_evaluate(tiny(data_dir, learning_rate=0.1), workdir)
+    second = train.train_and_evaluate(tiny(data_dir, stop_after_steps=6), workdir)
     assert second["interrupted"] and checkpoint_steps(workdir) == [4, 6]
-    training.train_and_evaluate(tiny(data_dir), workdir)
+    train.train_and_evaluate(tiny(data_dir), workdir)
     assert read_metrics(workdir) == read_metrics(full_dir)
     resumed, _ = restore(workdir, 8)
     full, _ = restore(full_dir, 8)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full), strict=True):
         np.testing.assert_array_equal(a, b)
     # Running a finished run again changes nothing.
-    again = training.train_and_evaluate(tiny(data_dir), workdir)
+    again = train.train_and_evaluate(tiny(data_dir), workdir)
     assert again["step"] == 8 and read_metrics(workdir) == read_metrics(full_dir)
 
 
@@ -141,7 +141,7 @@ def test_non_finite_steps_are_counted_and_stop_the_run(data_dir, tmp_path):
     # has a non-finite loss and is skipped (the weights stay as they were).
     overrides = dict(optimizer="sgd", learning_rate=1e30, schedule="constant",
                      warmup_epochs=0.0, weight_decay=0.0)
-    result = training.train_and_evaluate(
+    result = train.train_and_evaluate(
         tiny(data_dir, max_consecutive_skips=100, **overrides), str(tmp_path / "a"))
     metrics = read_metrics(str(tmp_path / "a"))
     assert metrics[0]["skipped_steps"] >= 2 and metrics[1]["skipped_steps"] == 4
@@ -149,21 +149,21 @@ def test_non_finite_steps_are_counted_and_stop_the_run(data_dir, tmp_path):
     state, _ = restore(str(tmp_path / "a"), 8)
     for leaf in jax.tree.leaves(state["batch_stats"]):
         assert np.all(np.isfinite(leaf))  # never poisoned
-    with pytest.raises(training.NonFiniteTrainingError, match="max_consecutive_skips=2"):
-        training.train_and_evaluate(tiny(data_dir, max_consecutive_skips=2, **overrides),
+    with pytest.raises(train.NonFiniteTrainingError, match="max_consecutive_skips=2"):
+        train.train_and_evaluate(tiny(data_dir, max_consecutive_skips=2, **overrides),
                                     str(tmp_path / "b"))
 
 
 def test_tfds_dataset_end_to_end(tmp_path_factory, tmp_path):
     tfds_dir = str(tmp_path_factory.getbasetemp() / "bnjax_tfds")
     tfds_fake.build("bnjax_fake_gray", tfds_dir)
-    config = training.load_config("tiny")
+    config = config_lib.load_config("tiny")
     config.update(dataset="tfds:bnjax_fake_gray", data_dir=tfds_dir, model="mlp", norm="none",
                   max_train_examples=0, batch_size=8, eval_batch_size=16, num_epochs=3,
                   validation_split=0.25, learning_rate=0.03, schedule="constant",
                   warmup_epochs=0.0)
     config.model_kwargs = {"hidden": (16, 16)}
-    result = training.train_and_evaluate(config, str(tmp_path))
+    result = train.train_and_evaluate(config, str(tmp_path))
     metrics = read_metrics(str(tmp_path))
     assert [r["step"] for r in metrics] == [9, 18, 27]  # 72 training examples, batch 8
     assert round(result["test_accuracy"] * 40) == pytest.approx(result["test_accuracy"] * 40)
@@ -198,29 +198,29 @@ BAD_FIELDS = [
 @pytest.mark.parametrize("field, value, match", BAD_FIELDS,
                          ids=[f"{f}={v}" for f, v, _ in BAD_FIELDS])
 def test_bad_config_values_name_the_field(field, value, match):
-    config = training.load_config("tiny")
+    config = config_lib.load_config("tiny")
     config.unlock()
     config[field] = value
     with pytest.raises(ValueError, match=match):
-        training.validate_config(config, num_devices=8)
+        config_lib.validate_config(config, num_devices=8)
 
 
 def test_with_bn_field_switches_the_norm():
-    config = training.load_config("mnist_mlp")
-    assert training.resolved_norm(config) == "batch"
+    config = config_lib.load_config("mnist_mlp")
+    assert config_lib.resolved_norm(config) == "batch"
     config.with_bn = False
-    assert training.resolved_norm(config) == "none"
-    training.validate_config(config, num_devices=1)
+    assert config_lib.resolved_norm(config) == "none"
+    config_lib.validate_config(config, num_devices=1)
     config.with_bn, config.norm = True, "none"
     with pytest.raises(ValueError, match="config.with_bn=True contradicts config.norm='none'"):
-        training.validate_config(config, num_devices=1)
+        config_lib.validate_config(config, num_devices=1)
 
 
 @pytest.mark.parametrize("name", ["default", "mnist1d_nobn", "mnist_mlp", "kmnist_cnn",
                                   "cifar10_resnet20", "tiny"])
 def test_every_config_is_valid_and_documents_its_command(name):
-    config = training.load_config(name)
-    training.validate_config(config, num_devices=1)
+    config = config_lib.load_config(name)
+    config_lib.validate_config(config, num_devices=1)
     with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
         doc = f.read()
     assert "python train.py" in doc and "Expected result" in doc
@@ -268,7 +268,7 @@ def test_cli_missing_dataset_fails_fast_and_says_how_to_prepare_it(tmp_path, com
     assert proc.returncode == 2
     assert "dataset 'tfds:kmnist' is not prepared" in proc.stderr
     assert str(tmp_path / "data") in proc.stderr
-    assert "python -m bnjax.data prepare tfds:kmnist" in proc.stderr
+    assert "python -m bnjax_train.input_pipeline prepare tfds:kmnist" in proc.stderr
 
 
 def _run_until(cmd, env, should_kill, timeout=120):

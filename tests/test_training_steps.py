@@ -1,4 +1,4 @@
-"""Train and eval steps of bnjax.training, single-device and data-parallel over 8 CPU devices.
+"""Train and eval steps of bnjax.steps, single-device and data-parallel over 8 CPU devices.
 
 The reference (bn_reference.ref_train_step) is a float64 model with flax.linen.BatchNorm, a
 hand-written masked cross-entropy and plain SGD on the whole batch; "1e-5 relative" is the max
@@ -12,7 +12,8 @@ import optax
 import pytest
 from bn_reference import SyncMLP, init_variables, make_data, ref_train_step
 
-from bnjax import training
+from bnjax import parallel
+from bnjax import steps as step_lib
 
 D = 8
 LAYERS = 2
@@ -29,12 +30,12 @@ def make_state(axis_name, tx=None, penalty=0.0, groups=None, layers=LAYERS):
     model = SyncMLP(layers=layers, axis_name=axis_name, penalty=penalty,
                     axis_index_groups=groups)
     v = init_variables(layers=layers)
-    return training.TrainState.create(apply_fn=model.apply, params=v["params"],
+    return step_lib.TrainState.create(apply_fn=model.apply, params=v["params"],
                                       batch_stats=v["batch_stats"], tx=tx or optax.sgd(LR))
 
 
 def host(tree, data_parallel):
-    return jax.tree.map(np.asarray, training.unreplicate(tree) if data_parallel else tree)
+    return jax.tree.map(np.asarray, parallel.unreplicate(tree) if data_parallel else tree)
 
 
 def batches(masked, steps=2, n=D * 4):
@@ -50,12 +51,12 @@ def batches(masked, steps=2, n=D * 4):
 
 def run_steps(data_parallel, bs, constrain_fn=None, penalty=0.0, tx=None):
     state = make_state("batch" if data_parallel else None, tx=tx, penalty=penalty)
-    step = training.make_train_step(data_parallel=data_parallel, constrain_fn=constrain_fn)
+    step = step_lib.make_train_step(data_parallel=data_parallel, constrain_fn=constrain_fn)
     if data_parallel:
-        state = training.replicate(state)
+        state = parallel.replicate(state)
     metrics = []
     for b in bs:
-        state, m = step(state, training.shard_batch(b) if data_parallel else b)
+        state, m = step(state, parallel.shard_batch(b) if data_parallel else b)
         metrics.append(host(m, data_parallel))
     return state, metrics
 
@@ -103,10 +104,10 @@ def test_losses_collection_and_constrain_fn():
 @pytest.mark.parametrize("data_parallel", [False, True])
 def test_non_finite_batches_are_skipped(data_parallel):
     state = make_state("batch" if data_parallel else None, tx=optax.adam(1e-2))
-    step = training.make_train_step(data_parallel=data_parallel)
+    step = step_lib.make_train_step(data_parallel=data_parallel)
     if data_parallel:
-        state = training.replicate(state)
-    prep = training.shard_batch if data_parallel else (lambda b: b)
+        state = parallel.replicate(state)
+    prep = parallel.shard_batch if data_parallel else (lambda b: b)
     good = batches(False, steps=1)[0]
     state, m = step(state, prep(good))  # a normal step first: a non-trivial optimizer state
     assert float(np.asarray(m["skipped"]).reshape(-1)[0]) == 0.0
@@ -145,9 +146,9 @@ def _np_logits(variables, x):
 def test_eval_step_uses_moving_statistics_and_honours_the_mask(data_parallel):
     state = make_state("batch" if data_parallel else None)
     b = batches(True, steps=1)[0]
-    step = training.make_eval_step(data_parallel=data_parallel)
-    m = step(training.replicate(state) if data_parallel else state,
-             training.shard_batch(b) if data_parallel else b)
+    step = step_lib.make_eval_step(data_parallel=data_parallel)
+    m = step(parallel.replicate(state) if data_parallel else state,
+             parallel.shard_batch(b) if data_parallel else b)
     m = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
     v = jax.tree.map(lambda a: np.asarray(a, np.float64),
                      {"params": state.params, "batch_stats": state.batch_stats})
@@ -167,19 +168,19 @@ def test_eval_step_uses_moving_statistics_and_honours_the_mask(data_parallel):
 
 def _dp_batch():
     x, y = make_data(D * 4)
-    return training.shard_batch({"x": x, "y": y})
+    return parallel.shard_batch({"x": x, "y": y})
 
 
 def test_wrong_axis_name_in_the_model_is_a_clear_error():
-    state = training.replicate(make_state("data"))
-    step = training.make_train_step(data_parallel=True)
+    state = parallel.replicate(make_state("data"))
+    step = step_lib.make_train_step(data_parallel=True)
     with pytest.raises(ValueError, match=r"axis_name='data'.*axis_name='batch'"):
         step(state, _dp_batch())
 
 
 def test_groups_that_do_not_partition_the_devices_are_a_clear_error():
-    state = training.replicate(make_state("batch", groups=[[0, 1], [2, 3]]))
-    step = training.make_train_step(data_parallel=True)
+    state = parallel.replicate(make_state("batch", groups=[[0, 1], [2, 3]]))
+    step = step_lib.make_train_step(data_parallel=True)
     with pytest.raises(ValueError, match=r"does not partition the 8 devices"):
         step(state, _dp_batch())
 
@@ -189,21 +190,21 @@ def test_batch_not_divisible_by_the_device_count_is_a_clear_error(size):
     x, y = make_data(size)
     with pytest.raises(ValueError, match=rf"batch size {size} is not divisible by the device "
                                          "count 8"):
-        training.shard_batch({"x": x, "y": y})
-    step = training.make_train_step(data_parallel=True)
+        parallel.shard_batch({"x": x, "y": y})
+    step = step_lib.make_train_step(data_parallel=True)
     with pytest.raises(ValueError, match=r"num_local_devices=8"):
-        step(training.replicate(make_state("batch")), {"x": x, "y": y})
+        step(parallel.replicate(make_state("batch")), {"x": x, "y": y})
 
 
 def test_bad_step_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="axis_name"):
-        training.make_train_step(data_parallel=True, axis_name="")
+        step_lib.make_train_step(data_parallel=True, axis_name="")
     with pytest.raises(TypeError, match="constrain_fn"):
-        training.make_train_step(constrain_fn=3)
+        step_lib.make_train_step(constrain_fn=3)
     x, y = make_data(8)
     with pytest.raises(TypeError, match=r"batch\['y'\]"):
-        training.make_train_step()(make_state(None), {"x": x, "y": y.astype(np.float32)})
+        step_lib.make_train_step()(make_state(None), {"x": x, "y": y.astype(np.float32)})
     with pytest.raises(ValueError, match="process_id"):
-        training.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
+        parallel.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
     with pytest.raises(ValueError, match="coordinator_address"):
-        training.initialize_distributed("localhost", num_processes=2, process_id=0)
+        parallel.initialize_distributed("localhost", num_processes=2, process_id=0)

@@ -412,7 +412,7 @@ class Net(nn.Module):
 
 
 def _state(model, x, lr=0.1):
-    from bnjax.training import TrainState
+    from bnjax.steps import TrainState
 
     variables = model.init(jax.random.key(0), x, training=False)
     params = variables["params"]
@@ -423,7 +423,7 @@ def _state(model, x, lr=0.1):
 
 
 def test_regularizer_penalty_reaches_train_step_loss():
-    from bnjax.training import make_train_step
+    from bnjax.steps import make_train_step
 
     rng = np.random.default_rng(10)
     batch = {"x": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
@@ -460,7 +460,7 @@ def test_frozen_layer_sows_no_penalty():
 
 
 def test_constraints_hold_after_updates():
-    from bnjax.training import make_train_step
+    from bnjax.steps import make_train_step
 
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
@@ -502,7 +502,7 @@ def test_regularizer_and_constraint_name_errors():
 def test_zoo_norm_choices_and_batch_dependence():
     import ml_collections
 
-    from bnjax import models
+    from bnjax_train import models
 
     assert set(models.NORMS) == {"batch", "renorm", "ghost", "group", "layer", "none"}
     rng = np.random.default_rng(12)
@@ -526,7 +526,7 @@ def test_zoo_norm_choices_and_batch_dependence():
 
 
 def test_zoo_group_norm_groups_divide_channels():
-    from bnjax import models
+    from bnjax_train import models
 
     x = np.random.default_rng(13).normal(size=(3, 100))
     layer = models.make_norm("group")  # 8 groups asked for, gcd(8, 100) = 4 used

@@ -1,16 +1,16 @@
 """Model-level benchmark: ResNet-20 (CIFAR shapes) train step and inference.
 
-Train step: ``bnjax.training.make_train_step()`` (jitted; softmax cross-entropy, SGD with
-momentum, the non-finite guard) on ``bnjax.models.create_model("resnet20")`` built three ways:
+Train step: ``bnjax.make_train_step()`` (jitted; softmax cross-entropy, SGD with momentum,
+the non-finite guard) on ``bnjax_train.models.create_model("resnet20")`` built three ways:
 ``bnjax`` batch norm, Flax's ``flax.linen.BatchNorm`` in the same places (same momentum 0.99
 and epsilon 1e-3), and no normalization. Inference: the jitted ``apply`` with
 ``training=False`` for the same three models, and the bnjax model with its batch norms folded
 into the convolutions by ``bnjax.fold_batch_norm`` when that function exists (otherwise the
 row says it is not available).
 
-The Flax variant swaps the model zoo's norm factory (``bnjax.models.make_norm``) for one that
-returns ``flax.linen.BatchNorm`` while the model is built, initialized and traced; nothing
-else changes.
+The Flax variant swaps the model zoo's norm factory (``bnjax_train.models.make_norm``) for one
+that returns ``flax.linen.BatchNorm`` while the model is built, initialized and traced;
+nothing else changes.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 import bnjax
-from bnjax import models, training
-from bnjax.bench.common import compile_fn, median_times, peak_memory
+from benchmarks.common import compile_fn, median_times, peak_memory
+from bnjax_train import models
 
 __all__ = ["NORMS", "run"]
 
@@ -100,11 +100,11 @@ def _build(variant: str, batch: int, blocks: int) -> dict[str, Any]:
         model = models.create_model("resnet20", num_classes=10, norm=norm,
                                     blocks_per_stage=blocks)
         variables = _init_variables(model, x)
-        state = training.TrainState.create(
+        state = bnjax.TrainState.create(
             apply_fn=model.apply, params=variables["params"],
             batch_stats=variables.get("batch_stats", {}), tx=optax.sgd(0.1, momentum=0.9))
         batch_ = {"x": x, "y": y}
-        step = training.make_train_step().lower(state, batch_).compile()
+        step = bnjax.make_train_step().lower(state, batch_).compile()
         infer = compile_fn(lambda v, x: model.apply(v, x, training=False), variables, x)
     return {"model": model, "variables": variables, "x": x, "state": state, "batch": batch_,
             "step": step, "infer": infer}

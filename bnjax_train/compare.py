@@ -2,8 +2,8 @@
 
 Command (from the repository root)::
 
-    python -m bnjax.compare                                   # configs/default.py (MNIST-1D)
-    python -m bnjax.compare --config configs/mnist_mlp.py --target 0.98 --workdir runs/cmp_mlp
+    python -m bnjax_train.compare                                   # configs/default.py (MNIST-1D)
+    python -m bnjax_train.compare --config configs/mnist_mlp.py --target 0.98 --workdir runs/cmp_mlp
 
 Each variant trains in its own workdir (``<workdir>/batch`` and ``<workdir>/none``, resumable
 like any run of ``train.py``); the figure (``--out``, default ``<workdir>/compare.png``) shows the
@@ -76,10 +76,10 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str, 
 
     Example:
       >>> import os, tempfile
-      >>> path = os.path.join(tempfile.mkdtemp(), "c.png")
       >>> recs = [{"step": 1, "test_accuracy": 0.5, "train_loss": 1.0}]
-      >>> plot_comparison({"a": recs}, path, target=0.9)
-      >>> os.path.getsize(path) > 0
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     plot_comparison({"a": recs}, os.path.join(d, "c.png"), target=0.9)
+      ...     os.path.getsize(os.path.join(d, "c.png")) > 0
       True
     """
     import matplotlib
@@ -134,10 +134,10 @@ def compare_norms(config: Any, workdir: str, *, target: float = 0.97,
       ``steps_to_train_loss``, ``steps`` and ``workdir``.
 
     Example:
-      >>> from bnjax.training import load_config
+      >>> from bnjax_train.config_lib import load_config
       >>> summary = compare_norms(load_config("tiny"), "/tmp/cmp")  # doctest: +SKIP
     """
-    from bnjax import training
+    from bnjax_train import train
 
     os.makedirs(workdir, exist_ok=True)
     targets = sorted({0.9, 0.95, float(target)})
@@ -146,7 +146,7 @@ def compare_norms(config: Any, workdir: str, *, target: float = 0.97,
     for norm, label in _VARIANTS:
         run_dir = os.path.join(workdir, norm)
         print(f"== {label}: {run_dir}", flush=True)
-        training.train_and_evaluate(_variant_config(config, norm), run_dir)
+        train.train_and_evaluate(_variant_config(config, norm), run_dir)
         records = _read(os.path.join(run_dir, "metrics.jsonl"))
         runs[label] = records
         summary[norm] = {
@@ -186,8 +186,7 @@ def compare_norms(config: Any, workdir: str, *, target: float = 0.97,
 def _main(argv: Sequence[str]) -> None:
     from absl import flags, logging
 
-    from bnjax import data as data_lib
-    from bnjax import training
+    from bnjax_train import input_pipeline, train
 
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -195,19 +194,20 @@ def _main(argv: Sequence[str]) -> None:
     try:
         compare_norms(f.config, f.workdir, target=f.target, loss_target=f.loss_target,
                       out=f.out)
-    except (ValueError, data_lib.DatasetNotFoundError, training.NonFiniteTrainingError) as e:
-        print(f"bnjax.compare: error: {e}", file=sys.stderr)
+    except (ValueError, input_pipeline.DatasetNotFoundError, train.NonFiniteTrainingError) as e:
+        print(f"bnjax_train.compare: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def main() -> None:
-    """Command line: ``python -m bnjax.compare [--config FILE] [--workdir DIR] [--target X]``."""
+    """Command line: ``python -m bnjax_train.compare [--config FILE] [--workdir DIR] ...``."""
     from absl import app, flags
     from ml_collections import config_flags
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from bnjax_train.config_lib import CONFIG_DIR
+
     config_flags.DEFINE_config_file(
-        "config", os.path.join(repo, "configs", "default.py"),
+        "config", str(CONFIG_DIR / "default.py"),
         "Training config; its norm is switched between 'batch' and 'none'.", lock_config=True)
     flags.DEFINE_string("workdir", os.path.join("runs", "compare"),
                         "Parent folder of the two runs.")

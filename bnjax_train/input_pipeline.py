@@ -1,48 +1,47 @@
-"""Datasets for the training program: MNIST-1D (generated locally) and tensorflow-datasets sets.
+"""Datasets for the training program, in memory, and their train and eval batches.
 
-Names (the ``dataset`` config field):
+Names (the ``dataset`` config field): ``"mnist1d"`` (MNIST-1D, generated locally, no network) and
+``"tfds:NAME"`` (a tensorflow-datasets image classification set, ``mnist``, ``kmnist``,
+``fashion_mnist``, ``cifar10``, ..., prepared on disk beforehand); :mod:`bnjax_train.sources`
+reads them. The training program never downloads: a set that is not on disk fails at once with
+a message naming the set, the folders searched and the command that prepares it, on a machine
+with network::
 
-- ``"mnist1d"``: MNIST-1D (Greydanus, 2020), made by the ``mnist1d`` package's
-  ``make_dataset`` with its default arguments (``get_dataset_args()``: 4000 train and 1000 test
-  sequences of length 40, seed 42) and cached as
-  ``<data_dir>/mnist1d/mnist1d_default_v<package version>.npz``. No network.
-- ``"tfds:NAME"``: a tensorflow-datasets image classification set (``mnist``, ``kmnist``,
-  ``fashion_mnist``, ``cifar10``, ...), read from a copy prepared in ``array_record`` format
-  (read without TensorFlow) or, when TensorFlow is installed, in ``tfrecord`` format. The
-  training program never downloads: a set that is not on disk fails at once with a message
-  naming the set, the folders searched and the command that prepares it
-  (``python -m bnjax.data prepare tfds:NAME --data_dir DIR`` on a machine with network).
+    python -m bnjax_train.input_pipeline prepare tfds:NAME --data_dir DIR
+    python -m bnjax_train.input_pipeline info tfds:NAME --data_dir DIR   # what is on disk
 
 Arrays stay in memory in their stored dtype (``uint8`` images); batches are normalized per
 channel on the fly with the mean and standard deviation of the training images. With several
 processes (hosts) each process keeps only its own shard of every split (examples
 ``process_index::process_count``) and reads only those records; the global batch is the
-concatenation of the processes' local batches. Nothing here loads pickles: arrays are cached
-as ``.npz`` and read with ``allow_pickle=False``.
+concatenation of the processes' local batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import importlib.metadata
 import json
-import os
-import random
 import sys
 import time
-import zipfile
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 
+from bnjax_train.sources import (
+    TFDS_PREFIX,
+    DatasetNotFoundError,
+    find_prepared,
+    open_source,
+    prepare,
+    validate_dataset_name,
+)
+
 __all__ = [
     "AUGMENTATIONS",
+    "TFDS_PREFIX",
     "Dataset",
     "DatasetNotFoundError",
     "Split",
-    "TFDS_PREFIX",
     "eval_batches",
     "find_prepared",
     "load_dataset",
@@ -53,14 +52,8 @@ __all__ = [
     "validate_dataset_name",
 ]
 
-TFDS_PREFIX = "tfds:"
 #: Augmentations accepted by :func:`train_batches` (the ``augment`` config field).
 AUGMENTATIONS: tuple[str, ...] = ("none", "crop_flip")
-_STATS_EXAMPLES = 10_000
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset is not on disk (and the training program does not download)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,30 +148,7 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------------------------
-# Names and loading.
-
-
-def validate_dataset_name(name: Any) -> None:
-    """Raises a ``ValueError`` (naming the ``dataset`` field) if ``name`` is not accepted.
-
-    Example:
-      >>> validate_dataset_name("tfds:mnist")
-      >>> validate_dataset_name("mnist")  # doctest: +ELLIPSIS
-      Traceback (most recent call last):
-      ...
-      ValueError: dataset='mnist' is not a known dataset; accepted: 'mnist1d' or 'tfds:NAME' ...
-    """
-    ok = isinstance(name, str) and (
-        name == "mnist1d"
-        or (name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX)
-            and ".." not in name and not name.startswith(TFDS_PREFIX + "/"))
-    )
-    if not ok:
-        raise ValueError(
-            f"dataset={name!r} is not a known dataset; accepted: 'mnist1d' or 'tfds:NAME' (a "
-            "tensorflow-datasets image classification set, e.g. 'tfds:mnist', 'tfds:kmnist', "
-            "'tfds:fashion_mnist', 'tfds:cifar10')."
-        )
+# Loading.
 
 
 def load_dataset(
@@ -210,7 +180,8 @@ def load_dataset(
 
     Example:
       >>> import tempfile
-      >>> ds = load_dataset("mnist1d", data_dir=tempfile.mkdtemp())
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     ds = load_dataset("mnist1d", data_dir=d)
       >>> len(ds.train), len(ds.test), ds.num_classes, ds.input_shape
       (4000, 1000, 10, (40,))
     """
@@ -223,11 +194,7 @@ def load_dataset(
             f"process_index={process_index!r}, process_count={process_count!r}: need "
             "0 <= process_index < process_count."
         )
-    if name == "mnist1d":
-        raw = _load_mnist1d(data_dir)
-        reader = _ArrayReader(raw)
-    else:
-        reader = _TfdsReader(name[len(TFDS_PREFIX):], data_dir)
+    reader = open_source(name, data_dir)
 
     n_train_all = reader.size("train")
     n_val = int(round(n_train_all * float(validation_split)))
@@ -246,205 +213,6 @@ def load_dataset(
     mean, std, scale = reader.stats(n_train)
     return Dataset(name=name, train=train, test=test, validation=validation,
                    num_classes=reader.num_classes, mean=mean, std=std, scale=scale)
-
-
-class _ArrayReader:
-    """Reads splits held in memory (MNIST-1D)."""
-
-    def __init__(self, raw: dict[str, np.ndarray]) -> None:
-        self.raw = raw
-        self.num_classes = int(raw["y"].max()) + 1
-
-    def size(self, split: str) -> int:
-        return len(self.raw["y" if split == "train" else "y_test"])
-
-    def read(self, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if split == "train":
-            return self.raw["x"][idx], self.raw["y"][idx]
-        return self.raw["x_test"][idx], self.raw["y_test"][idx]
-
-    def stats(self, n_train: int) -> tuple[np.ndarray, np.ndarray, float]:
-        # make_dataset already centres the whole set and scales it to unit variance.
-        return np.zeros((), np.float32), np.ones((), np.float32), 1.0
-
-
-def _mnist1d_cache_path(data_dir: str) -> str:
-    # Keyed by the package version: its default arguments (and so the data) belong to it.
-    # Found without importing mnist1d, which takes seconds (scipy, matplotlib).
-    try:
-        version = importlib.metadata.version("mnist1d")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    return os.path.join(data_dir, "mnist1d", f"mnist1d_default_v{version}.npz")
-
-
-def _load_mnist1d(data_dir: str) -> dict[str, np.ndarray]:
-    """MNIST-1D with the package's default arguments, cached as ``.npz`` in ``data_dir``."""
-    path = _mnist1d_cache_path(data_dir)
-    keys = ("x", "y", "x_test", "y_test")
-    if os.path.exists(path):
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in keys}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            pass  # A damaged cache (e.g. an interrupted write): make it again.
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    # make_dataset seeds the global NumPy and Python generators; keep the caller's.
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        made = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    raw = {"x": np.asarray(made["x"], np.float32), "y": np.asarray(made["y"], np.int32),
-           "x_test": np.asarray(made["x_test"], np.float32),
-           "y_test": np.asarray(made["y_test"], np.int32)}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **raw)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-    except OSError as e:  # a read-only data_dir only costs the cache
-        print(f"bnjax.data: could not cache MNIST-1D in {path!r} ({e})", file=sys.stderr)
-    return raw
-
-
-def _tfds_search_dirs(data_dir: str) -> list[str]:
-    dirs = [data_dir]
-    if os.environ.get("TFDS_DATA_DIR"):
-        dirs.append(os.environ["TFDS_DATA_DIR"])
-    dirs.append(os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
-    out: list[str] = []
-    for d in dirs:
-        d = os.path.abspath(os.path.expanduser(d))
-        if d not in out:
-            out.append(d)
-    return out
-
-
-def _version_key(path: str) -> tuple[int, ...]:
-    parts = os.path.basename(os.path.dirname(path)).split(".")
-    return tuple(int(p) if p.isdigit() else -1 for p in parts)
-
-
-def find_prepared(name: str, data_dir: str) -> str | None:
-    """Folder of the newest prepared version of tensorflow-datasets set ``name``, or None.
-
-    Looks for ``<dir>/<name>/<version>/dataset_info.json`` in ``data_dir``,
-    ``$TFDS_DATA_DIR`` and ``~/tensorflow_datasets`` (``name`` may be ``"NAME/CONFIG"``).
-
-    Example:
-      >>> import tempfile
-      >>> find_prepared("no_such_set", tempfile.mkdtemp()) is None
-      True
-    """
-    for d in _tfds_search_dirs(data_dir):
-        found = glob.glob(os.path.join(glob.escape(os.path.join(d, name)), "*",
-                                       "dataset_info.json"))
-        if found:
-            return os.path.dirname(max(found, key=_version_key))
-    return None
-
-
-def _not_found_message(name: str, data_dir: str) -> str:
-    dirs = _tfds_search_dirs(data_dir)
-    return (
-        f"dataset 'tfds:{name}' is not prepared on this machine: no "
-        f"'{name}/<version>/dataset_info.json' in any of {dirs}. The training program never "
-        "downloads. To prepare it, on a machine with network run\n"
-        f"    pip install tensorflow && python -m bnjax.data prepare tfds:{name} "
-        f"--data_dir {data_dir}\n"
-        f"(equivalently: tfds build {name} --data_dir {data_dir} --file_format array_record), "
-        f"then copy {os.path.join(data_dir, name)} here, or point --config.data_dir (or "
-        "$TFDS_DATA_DIR) to the folder holding it."
-    )
-
-
-class _TfdsReader:
-    """Reads a prepared tensorflow-datasets set from disk, only the records asked for."""
-
-    def __init__(self, name: str, data_dir: str) -> None:
-        path = find_prepared(name, data_dir)
-        if path is None:
-            raise DatasetNotFoundError(_not_found_message(name, data_dir))
-        try:
-            import tensorflow_datasets as tfds
-        except ImportError as e:  # pragma: no cover - tensorflow-datasets is a dependency
-            raise ImportError(
-                "reading 'tfds:' datasets needs the tensorflow-datasets package: "
-                "pip install tensorflow-datasets"
-            ) from e
-        self.name = name
-        self.path = path
-        self.builder = tfds.builder_from_directory(path)
-        info = self.builder.info
-        keys = info.supervised_keys or ("image", "label")
-        if not isinstance(keys, tuple | list) or len(keys) < 2:
-            raise ValueError(f"dataset 'tfds:{name}' has supervised_keys {keys!r}; need "
-                             "(image, label) for image classification.")
-        self.x_key, self.y_key = keys[0], keys[1]
-        label = info.features[self.y_key]
-        self.num_classes = int(getattr(label, "num_classes", 0) or 0)
-        if self.num_classes < 2:
-            raise ValueError(f"dataset 'tfds:{name}': feature {self.y_key!r} is not a class "
-                             "label with >= 2 classes; only image classification sets work.")
-        for split in ("train", "test"):
-            if split not in info.splits:
-                raise ValueError(f"dataset 'tfds:{name}' at {path} has splits "
-                                 f"{sorted(info.splits)}; need 'train' and 'test'.")
-        self.format = str(getattr(info.file_format, "value", info.file_format) or "tfrecord")
-        self._sources: dict[str, Any] = {}
-        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def size(self, split: str) -> int:
-        return int(self.builder.info.splits[split].num_examples)
-
-    def _source(self, split: str) -> Any:
-        if split not in self._sources:
-            self._sources[split] = self.builder.as_data_source(split=split)
-        return self._sources[split]
-
-    def read(self, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.format == "array_record":
-            xs, ys = [], []
-            src = self._source(split)
-            for start in range(0, len(idx), 4096):
-                recs = src.__getitems__([int(i) for i in idx[start:start + 4096]])
-                xs.extend(np.asarray(r[self.x_key]) for r in recs)
-                ys.extend(int(r[self.y_key]) for r in recs)
-            if not xs:
-                raise ValueError(f"dataset 'tfds:{self.name}' split {split!r} is empty here.")
-            return np.stack(xs), np.asarray(ys, np.int64)
-        return self._read_tfrecord(split, idx)
-
-    def _read_tfrecord(self, split: str, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if split not in self._arrays:
-            try:
-                import tensorflow  # noqa: F401
-            except ImportError as e:
-                raise DatasetNotFoundError(
-                    f"dataset 'tfds:{self.name}' at {self.path} is in {self.format!r} format, "
-                    "which needs TensorFlow to read; pip install tensorflow, or rebuild it as "
-                    f"array_record: tfds build {self.name} --file_format array_record"
-                ) from e
-            import tensorflow_datasets as tfds
-
-            data = tfds.as_numpy(self.builder.as_dataset(split=split, batch_size=-1))
-            self._arrays[split] = (np.asarray(data[self.x_key]), np.asarray(data[self.y_key]))
-        x, y = self._arrays[split]
-        return x[idx], y[idx]
-
-    def stats(self, n_train: int) -> tuple[np.ndarray, np.ndarray, float]:
-        # The same first examples on every process, so every process normalizes alike.
-        x, _ = self.read("train", np.arange(min(n_train, _STATS_EXAMPLES)))
-        scale = 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
-        xf = x.astype(np.float64) * scale
-        axes = tuple(range(xf.ndim - 1)) if xf.ndim >= 3 else tuple(range(xf.ndim))
-        mean = xf.mean(axis=axes)
-        std = np.maximum(xf.std(axis=axes), 1e-6)
-        return mean.astype(np.float32), std.astype(np.float32), scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,43 +369,14 @@ def eval_batches(
 
 
 # --------------------------------------------------------------------------------------------
-# Preparing a tensorflow-datasets set (needs network; never called by the training program).
-
-
-def prepare(name: str, data_dir: str) -> str:
-    """Downloads and prepares ``tfds:NAME`` in ``array_record`` format under ``data_dir``.
-
-    Needs network access (and TensorFlow for sets whose images are encoded at preparation,
-    such as ``mnist``). The training program never calls this.
-
-    Args:
-      name: ``mnist1d`` or ``tfds:NAME``.
-      data_dir: folder to prepare the set in (the training program's ``data_dir``).
-
-    Returns:
-      The folder of the prepared set.
-
-    Example:
-      >>> prepare("tfds:kmnist", data_dir="data")  # doctest: +SKIP
-      'data/kmnist/3.0.1'
-    """
-    validate_dataset_name(name)
-    if name == "mnist1d":
-        _load_mnist1d(data_dir)
-        return os.path.join(data_dir, "mnist1d")
-    import tensorflow_datasets as tfds
-
-    tfds_name = name[len(TFDS_PREFIX):]
-    builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
-    return str(builder.data_dir)
+# Command line.
 
 
 def _main(argv: Sequence[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m bnjax.data",
+        prog="python -m bnjax_train.input_pipeline",
         description="Prepare a dataset for train.py (needs network for tfds: sets).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="download and prepare a dataset")

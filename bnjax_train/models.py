@@ -24,8 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnjax.functional import renorm_schedule
-from bnjax.linen import BatchNorm
+from bnjax import BatchNorm, renorm_schedule
 
 Array = jax.Array
 
@@ -179,9 +178,10 @@ class CNN1D(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = CNN1D(num_classes=10)
-      >>> x = jnp.zeros((2, 40))
-      >>> variables = model.init(jax.random.key(0), x, training=False)
-      >>> model.apply(variables, x, training=False).shape
+      >>> x = jax.ShapeDtypeStruct((2, 40), jnp.float32)  # shapes only: nothing runs
+      >>> variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, training=False),
+      ...                            x)
+      >>> jax.eval_shape(lambda v, x: model.apply(v, x, training=False), variables, x).shape
       (2, 10)
     """
 
@@ -266,9 +266,10 @@ class KMNISTCNN(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = KMNISTCNN(num_classes=10)
-      >>> x = jnp.zeros((2, 28, 28, 1))
-      >>> variables = model.init(jax.random.key(0), x, training=False)
-      >>> model.apply(variables, x, training=False).shape
+      >>> x = jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32)  # shapes only: nothing runs
+      >>> variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, training=False),
+      ...                            x)
+      >>> jax.eval_shape(lambda v, x: model.apply(v, x, training=False), variables, x).shape
       (2, 10)
     """
 
@@ -341,9 +342,10 @@ class ResNet20(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = ResNet20(num_classes=10)
-      >>> x = jnp.zeros((2, 32, 32, 3))
-      >>> variables = model.init(jax.random.key(0), x, training=False)
-      >>> model.apply(variables, x, training=False).shape
+      >>> x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)  # shapes only: nothing runs
+      >>> variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, training=False),
+      ...                            x)
+      >>> jax.eval_shape(lambda v, x: model.apply(v, x, training=False), variables, x).shape
       (2, 10)
     """
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import bnjax
-from bnjax.bench.common import compile_fn, median_times, peak_memory
+from benchmarks.common import compile_fn, median_times, peak_memory
 
 __all__ = ["DTYPES", "IMPLS", "MODES", "PASSES", "QUICK_SHAPES", "SHAPES", "run"]
 

@@ -1,22 +1,59 @@
-"""Shared pieces of the benchmarks: the machine header, interleaved timing, tables."""
+"""Shared pieces of the benchmarks: provenance of a run, timing, statistics, JSON, tables.
+
+Nothing here imports JAX at module level: ``python -m benchmarks sync`` must set the device
+count before JAX starts, and ``python -m benchmarks report`` needs no JAX at all.
+"""
 
 from __future__ import annotations
 
+import datetime
 import gc
+import importlib.metadata
+import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
-__all__ = ["compile_fn", "environment", "markdown_table", "median_times", "peak_memory"]
+__all__ = [
+    "REPO",
+    "RESULTS_DIR",
+    "compile_fn",
+    "cpu_model",
+    "entropy",
+    "environment",
+    "fmt",
+    "git_commit",
+    "markdown_table",
+    "median_times",
+    "peak_memory",
+    "quantiles",
+    "run_metadata",
+    "write_json",
+]
+
+#: The repository this package sits in.
+REPO = Path(__file__).resolve().parents[1]
+#: Where results go by default: outside the tracked files (``bench_results/`` is ignored).
+RESULTS_DIR = Path("bench_results")
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "bnjax")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` says elsewhere.
+
+    Example:
+      >>> isinstance(cpu_model(), str)
+      True
+    """
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -38,21 +75,27 @@ def _memory_gib() -> float | None:
     return None
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Describes the machine and the software that the figures were measured with.
 
     Returns:
-      A JSON-ready dict: device, JAX/jaxlib/Flax versions, CPU model, core counts, memory,
-      ``XLA_FLAGS``, the glibc ``MALLOC_*`` settings and the load average (1, 5, 15 min) at
-      the time of the call.
+      A JSON-ready dict: device, library versions (JAX, jaxlib, Flax, optax, NumPy, bnjax),
+      CPU model, core counts, memory, ``XLA_FLAGS``, the glibc ``MALLOC_*`` settings and the
+      load average (1, 5, 15 min) at the time of the call.
 
     Example:
       >>> env = environment()
-      >>> {"device", "jax", "cpu", "cores"} <= set(env)
+      >>> {"device", "jax", "flax", "cpu", "cores", "load_average"} <= set(env)
       True
     """
-    import flax
-    import jaxlib
+    import jax
 
     dev = jax.devices()[0]
     try:
@@ -62,11 +105,9 @@ def environment() -> dict[str, Any]:
     return {
         "device": f"{dev.platform}: {dev.device_kind}",
         "num_devices": jax.device_count(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
+        **{name: _version(name) for name in _VERSIONED},
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": usable,
         "memory_gib": _memory_gib(),
@@ -77,6 +118,94 @@ def environment() -> dict[str, Any]:
     }
 
 
+def git_commit() -> dict[str, Any]:
+    """The commit of the repository the benchmarks run from, and whether files were changed.
+
+    Example:
+      >>> sorted(git_commit())
+      ['commit', 'dirty']
+    """
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def run_metadata(benchmark: str, argv: Sequence[str], **fields: Any) -> dict[str, Any]:
+    """The ``meta`` of a results JSON: what ran, where, with what, and the load at its start.
+
+    Args:
+      benchmark: the subcommand (``"step"``, ``"fold"``, ``"sync"``, ``"inference_eval"``).
+      argv: the command-line arguments of ``python -m benchmarks``, subcommand first.
+      **fields: settings of the run to record as well (repetitions, ``quick``, ...).
+
+    Example:
+      >>> meta = run_metadata("fold", ["fold", "--quick"], quick=True)
+      >>> meta["command"], sorted(k for k in meta if k.startswith("git"))
+      ('python -m benchmarks fold --quick', ['git_commit', 'git_dirty'])
+    """
+    git = git_commit()
+    return {
+        "benchmark": benchmark,
+        "command": shlex.join(["python", "-m", "benchmarks", *argv]),
+        "git_commit": git["commit"],
+        "git_dirty": git["dirty"],
+        "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **fields,
+        "environment": environment(),
+    }
+
+
+def write_json(result: Mapping[str, Any], out: str | os.PathLike) -> None:
+    """Writes ``result`` to ``out`` (folders created), after recording the load at the end.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     write_json({"meta": {}}, Path(d) / "new" / "r.json")
+      ...     sorted(json.loads((Path(d) / "new" / "r.json").read_text())["meta"])
+      ['load_average_end']
+    """
+    meta = result.get("meta")
+    if isinstance(meta, dict):
+        meta["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, allow_nan=False)
+        f.write("\n")
+    print(f"wrote {path}", file=sys.stderr, flush=True)
+
+
+def quantiles(seconds: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and minimum of times given in seconds, in milliseconds.
+
+    Example:
+      >>> quantiles([0.001, 0.002, 0.003])["median_ms"]
+      2.0
+    """
+    q = np.percentile(seconds, [25, 50, 75])
+    return {"median_ms": 1e3 * float(q[1]), "p25_ms": 1e3 * float(q[0]),
+            "p75_ms": 1e3 * float(q[2]), "min_ms": 1e3 * min(seconds), "n": len(seconds)}
+
+
+def entropy(p: Any) -> np.ndarray:
+    """Entropy (nats) of each row of probabilities ``p``, in float64 NumPy.
+
+    Example:
+      >>> entropy(np.array([[0.5, 0.5], [1.0, 0.0]])).round(4).tolist()
+      [0.6931, 0.0]
+    """
+    p = np.asarray(p, np.float64)
+    return 0.0 - np.sum(p * np.log(np.clip(p, 1e-30, None)), axis=-1)  # 0.0, not -0.0
+
+
 def compile_fn(fn: Callable[..., Any], *args: Any) -> Any:
     """Jits, lowers and compiles ``fn`` for ``args`` (the compiled object is called directly).
 
@@ -85,6 +214,8 @@ def compile_fn(fn: Callable[..., Any], *args: Any) -> Any:
       >>> compile_fn(lambda x: x + 1, jnp.ones(2))(jnp.ones(2)).tolist()
       [2.0, 2.0]
     """
+    import jax
+
     return jax.jit(fn).lower(*args).compile()
 
 
@@ -131,6 +262,8 @@ def median_times(
       >>> t["a"]["n"], t["b"]["median_ms"] >= 0
       (3, True)
     """
+    import jax
+
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -164,7 +297,13 @@ def median_times(
     return out
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
+    """A table cell: floats with 3 significant digits (1 decimal from 10 up), None as ``-``.
+
+    Example:
+      >>> fmt(0.12345), fmt(123.456), fmt(None), fmt(float("nan")), fmt("x")
+      ('0.123', '123.5', '-', '-', 'x')
+    """
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -184,5 +323,5 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
       | 1 | 0.123 |
     """
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

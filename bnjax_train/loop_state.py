@@ -1,0 +1,140 @@
+"""Where the training loop is, and what the current epoch has summed: saved with each checkpoint.
+
+:class:`LoopState` counts the steps, the epoch and the batch in it (so a resumed run continues
+with the very next batch), the running loss and accuracy sums of the epoch, and the non-finite
+steps the train step skipped; too many skipped in a row stop the run with
+:class:`NonFiniteTrainingError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["LoopState", "NonFiniteTrainingError"]
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive train steps had a non-finite loss or gradient."""
+
+
+def _zero_sums() -> list[float]:
+    return [0.0, 0.0, 0.0, 0]
+
+
+@dataclasses.dataclass
+class LoopState:
+    """The loop's position and the running sums of the current epoch.
+
+    Attributes:
+      step: train steps taken (batches consumed), skipped ones included.
+      epoch: the current epoch (0-based).
+      batch_in_epoch: the first batch of the epoch still to run (to resume mid-epoch).
+      epoch_sums: loss, accuracy, skipped steps and steps of the current epoch so far (loss
+        and accuracy over the steps that were not skipped).
+      consecutive_skips: non-finite steps in a row up to now.
+      total_skipped: non-finite steps of the whole run.
+      elapsed_offset: training seconds of earlier processes minus this one's start time:
+        ``elapsed_offset + time.time()`` is the run's training time so far.
+
+    Example:
+      >>> loop = LoopState()
+      >>> loop.count({"loss": 2.0, "accuracy": 0.5, "skipped": 0.0}, step=1,
+      ...            max_consecutive_skips=3, workdir="runs/x")
+      >>> loop.epoch_means()
+      {'train_loss': 2.0, 'train_accuracy': 0.5}
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    epoch_sums: list[float] = dataclasses.field(default_factory=_zero_sums)
+    consecutive_skips: int = 0
+    total_skipped: int = 0
+    elapsed_offset: float = dataclasses.field(default_factory=lambda: -time.time())
+
+    @classmethod
+    def from_meta(cls, step: int, meta: Mapping[str, Any]) -> LoopState:
+        """The state saved as a checkpoint's ``meta`` (see :meth:`meta`) at ``step``.
+
+        Example:
+          >>> LoopState.from_meta(6, LoopState(epoch=1, batch_in_epoch=2).meta()).epoch
+          1
+        """
+        return cls(step=int(step), epoch=int(meta["epoch"]),
+                   batch_in_epoch=int(meta["batch_in_epoch"]),
+                   epoch_sums=list(meta["epoch_sums"]),
+                   consecutive_skips=int(meta["consecutive_skips"]),
+                   total_skipped=int(meta["total_skipped"]),
+                   elapsed_offset=float(meta["elapsed_s"]) - time.time())
+
+    def elapsed(self) -> float:
+        """Training seconds of the run so far, over every process that worked on it."""
+        return self.elapsed_offset + time.time()
+
+    def meta(self) -> dict[str, Any]:
+        """The JSON a checkpoint saves (the step is the checkpoint's own number).
+
+        Example:
+          >>> sorted(LoopState().meta())  # doctest: +NORMALIZE_WHITESPACE
+          ['batch_in_epoch', 'consecutive_skips', 'elapsed_s', 'epoch', 'epoch_sums',
+           'total_skipped']
+        """
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "epoch_sums": list(self.epoch_sums),
+                "consecutive_skips": self.consecutive_skips,
+                "total_skipped": self.total_skipped, "elapsed_s": self.elapsed()}
+
+    def count(self, metrics: Mapping[str, Any], *, step: int, max_consecutive_skips: int,
+              workdir: str) -> None:
+        """Adds one step's metrics (on the host) to the sums; counts it if it was skipped.
+
+        Args:
+          metrics: ``{"loss", "accuracy", "skipped"}`` of the train step.
+          step: that step's number (for the error message).
+          max_consecutive_skips: how many skipped steps in a row stop the run.
+          workdir: the run's folder (for the error message).
+
+        Raises:
+          NonFiniteTrainingError: ``max_consecutive_skips`` steps in a row were skipped.
+
+        Example:
+          >>> loop = LoopState()
+          >>> loop.count({"loss": float("nan"), "accuracy": 0.0, "skipped": 1.0}, step=1,
+          ...            max_consecutive_skips=1, workdir="runs/x")  # doctest: +ELLIPSIS
+          Traceback (most recent call last):
+          ...
+          bnjax_train.loop_state.NonFiniteTrainingError: 1 consecutive training steps ...
+        """
+        sums = self.epoch_sums
+        skipped = float(metrics["skipped"]) > 0
+        sums[2] += float(skipped)
+        sums[3] += 1
+        if skipped:
+            self.consecutive_skips += 1
+            self.total_skipped += 1
+        else:
+            self.consecutive_skips = 0
+            sums[0] += float(metrics["loss"])
+            sums[1] += float(metrics["accuracy"])
+        if self.consecutive_skips >= max_consecutive_skips:
+            raise NonFiniteTrainingError(
+                f"{self.consecutive_skips} consecutive training steps (up to step {step}) had "
+                "a non-finite loss or gradient and were skipped (config.max_consecutive_skips="
+                f"{max_consecutive_skips}); stopping. The parameters and moving statistics "
+                "are unchanged by those steps; lower config.learning_rate or check the data. "
+                f"The last complete checkpoint in {workdir} is intact.")
+
+    def epoch_means(self) -> dict[str, float]:
+        """Mean training loss and accuracy of the epoch so far, over the steps not skipped."""
+        n_ok = max(self.epoch_sums[3] - self.epoch_sums[2], 1)
+        return {"train_loss": self.epoch_sums[0] / n_ok,
+                "train_accuracy": self.epoch_sums[1] / n_ok}
+
+    def next_epoch(self) -> None:
+        """Moves to the first batch of the next epoch, with fresh sums."""
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_sums = _zero_sums()
