@@ -96,6 +96,14 @@ def _inference_eval(args: argparse.Namespace,
     return {"meta": meta, **r}
 
 
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    from benchmarks import train_run
+
+    workdir = args.workdir or train_run.default_workdir(args.config)
+    meta = common.run_metadata("train", args.argv)
+    return {"meta": meta, **train_run.run(args.config, workdir)}
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -145,6 +153,11 @@ def _add_others(sub: Any) -> None:
                    help="override the config's number of epochs (0: keep it)")
     e.add_argument("--out", metavar="FILE",
                    help="JSON file (default bench_results/inference_eval_<config>[_<N>ep].json)")
+    t = sub.add_parser("train", help="the training program's config with batch norm and without")
+    t.add_argument("--config", default="configs/default.py")
+    t.add_argument("--workdir", default=None,
+                   help="parent of the two runs (default runs/benchmarks_train/<config>)")
+    t.add_argument("--out", metavar="FILE", help="JSON file (default bench_results/train.json)")
     r = sub.add_parser("report", help="print the tables of results JSON files, or update pages")
     r.add_argument("files", nargs="*", metavar="FILE.json")
     r.add_argument("--table", help="print only this table (e.g. op, memory, model, fold)")
@@ -172,7 +185,7 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 _RUNNERS = {"step": _step, "op": _step, "model": _step, "fold": _fold, "sync": _sync,
-            "inference_eval": _inference_eval}
+            "inference_eval": _inference_eval, "train": _train}
 
 
 def _default_out(args: argparse.Namespace) -> str:

@@ -177,11 +177,29 @@ def _auroc(r: Data) -> str:
 
 
 #: The tables of each kind of results JSON, by name, in print order.
+def _train_summary(r: Data) -> str:
+    rows = []
+    for norm, label in (("batch", "batch norm"), ("none", "no norm")):
+        v = r["variants"][norm]
+        reach = v["steps_to_accuracy"]
+        rows.append([label, f"{v['final_test_accuracy']:.4f}", f"{v['best_test_accuracy']:.4f}",
+                     *(reach.get(t) if reach.get(t) is not None else "not reached"
+                       for t in ("0.9", "0.95", "0.97")),
+                     v["steps_to_train_loss"] if v["steps_to_train_loss"] is not None
+                     else "not reached", v["steps"]])
+    return markdown_table(["variant", "final test acc", "best test acc", "steps to 0.90",
+                           "steps to 0.95", "steps to 0.97", "steps to train loss 0.01",
+                           "steps"], rows) + (
+        f"\n\n{r['model']} on {r['dataset']} ({r['config']}); both runs took "
+        f"{r['wall_seconds_both_runs']:.0f} s.")
+
+
 TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "step": {"op": _op, "memory": _memory, "model": _model},
     "fold": {"fold": _fold},
     "sync": {"sync": _sync},
     "inference_eval": {"accuracy": _accuracy, "auroc": _auroc},
+    "train": {"summary": _train_summary},
 }
 
 
