@@ -104,6 +104,12 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[st
     return {"meta": meta, **train_run.run(args.config, workdir)}
 
 
+def _gpu_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    from benchmarks import gpu_check
+
+    return gpu_check.main(args.argv)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -158,6 +164,10 @@ def _add_others(sub: Any) -> None:
     t.add_argument("--workdir", default=None,
                    help="parent of the two runs (default runs/benchmarks_train/<config>)")
     t.add_argument("--out", metavar="FILE", help="JSON file (default bench_results/train.json)")
+    g = sub.add_parser("gpu_check", help="tests and benchmarks on one GPU (see gpu_check.sh)")
+    g.add_argument("--dry-run", action="store_true", help="tiny, on CPU: checks the script")
+    g.add_argument("--out", metavar="FILE", help="JSON file (default bench_results/gpu_check"
+                   ".json)")
     r = sub.add_parser("report", help="print the tables of results JSON files, or update pages")
     r.add_argument("files", nargs="*", metavar="FILE.json")
     r.add_argument("--table", help="print only this table (e.g. op, memory, model, fold)")
@@ -185,7 +195,7 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 _RUNNERS = {"step": _step, "op": _step, "model": _step, "fold": _fold, "sync": _sync,
-            "inference_eval": _inference_eval, "train": _train}
+            "inference_eval": _inference_eval, "train": _train, "gpu_check": _gpu_check}
 
 
 def _default_out(args: argparse.Namespace) -> str:

@@ -103,14 +103,17 @@ def _memory(data: Data) -> str:
 def _model(data: Data) -> str:
     table = []
     for r in data["model"]:
-        name = f"{r['model']} {r['step']}, batch {r['batch']}"
+        name = f"{r['model']} {r['step']}, batch {r['batch']}, {r.get('dtype', 'float32')}"
+        cost = r.get("bn_cost_pct")
+        cost = "-" if cost is None else f"{cost:+.0f} %"
         if r["available"]:
             peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
-            table.append([name, r["variant"], r["median_ms"], r["ratio_to_flax"], peak])
+            table.append([name, r["variant"], r["median_ms"], r["ratio_to_flax"], cost, peak])
         else:
-            table.append([name, r["variant"], r["note"], "-", "-"])
-    return ("Model level (median ms of the jitted step):\n\n" + markdown_table(
-        ["step", "normalization", "ms", "ratio to flax BN", "peak MiB"], table))
+            table.append([name, r["variant"], r["note"], "-", "-", "-"])
+    return ("Model level (median ms of the jitted step; train = forward, backward and update):"
+            "\n\n" + markdown_table(["step", "normalization", "ms", "ratio to flax BN",
+                                      "BN cost over no norm", "peak MiB"], table))
 
 
 def _fold(r: Data) -> str:
@@ -194,12 +197,23 @@ def _train_summary(r: Data) -> str:
         f"{r['wall_seconds_both_runs']:.0f} s.")
 
 
+def _gpu_checks(r: Data) -> str:
+    rows = [[f["path"] + (f" -k '{f['keyword']}'" if f["keyword"] else ""), f["summary"],
+             f["returncode"]] for f in r["tests"]["files"]]
+    bw = r["copy_bandwidth"]
+    return (f"Devices: {', '.join(r['device']['devices'])}; driver: "
+            f"{r['device']['nvidia_smi'] or 'n/a'}. Copy bandwidth: {bw['gbps']:.1f} GB/s "
+            f"({bw['mib']} MiB read and written).\n\n"
+            + markdown_table(["tests", "pytest summary", "exit status"], rows))
+
+
 TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "step": {"op": _op, "memory": _memory, "model": _model},
     "fold": {"fold": _fold},
     "sync": {"sync": _sync},
     "inference_eval": {"accuracy": _accuracy, "auroc": _auroc},
     "train": {"summary": _train_summary},
+    "gpu_check": {"checks": _gpu_checks, "op": _op, "memory": _memory, "model": _model},
 }
 
 
