@@ -40,6 +40,7 @@ __all__ = [
     "SCHEDULES",
     "ConfigFileError",
     "ConfigFileNotFoundError",
+    "check_model_builds",
     "config_dict",
     "load_config",
     "resolved_norm",
@@ -246,6 +247,48 @@ def _cross_field_errors(config: Any, good: set[str], num_devices: int) -> list[s
     if {"model", "norm", "model_kwargs"} <= good:
         errors += _model_kwargs_errors(config)
     return errors
+
+
+def check_model_builds(config: Any, example: Any, num_classes: int, batch: int) -> None:
+    """Traces the config's model on a batch like ``example`` (shapes only, nothing compiled).
+
+    Catches what :func:`validate_config` cannot see without the data: options that fail on the
+    dataset's inputs (too many poolings for the length, ghost batches that do not divide the
+    per-device batch, a norm option of the wrong type).
+
+    Args:
+      config: the validated config.
+      example: one normalized input example batch (only its shape and dtype are used).
+      num_classes: the dataset's number of classes.
+      batch: the examples per device in a train step.
+
+    Raises:
+      ValueError: naming ``config.model_kwargs``, the input shape and the error.
+
+    Example:
+      >>> import numpy as np
+      >>> config = load_config("tiny")
+      >>> config.model_kwargs.pool_after = (0, 1, 2, 3, 4, 5, 6)
+      >>> config.model_kwargs.features = (8,) * 7
+      >>> check_model_builds(config, np.zeros((1, 40), np.float32), 10, 8)
+      Traceback (most recent call last):
+      ...
+      ValueError: config.model_kwargs={...}: model 'cnn1d' cannot be built for inputs of ...
+    """
+    kwargs = {k: _plain(v) for k, v in dict(config.model_kwargs).items()}
+    model = models_lib.create_model(config.model, num_classes=num_classes,
+                                    norm=resolved_norm(config), **kwargs)
+    x = jax.ShapeDtypeStruct((batch,) + tuple(np.shape(example)[1:]), np.result_type(example))
+    try:
+        variables = jax.eval_shape(
+            lambda x: model.init(jax.random.key(0), x, training=False), x)
+        jax.eval_shape(lambda v, x: model.apply(v, x, training=True, mutable=["batch_stats"]),
+                       variables, x)
+    except Exception as e:  # noqa: BLE001 -- whatever the model raises, name the option
+        text = " ".join(str(e).split("\n")[0].split())[:300]
+        raise ValueError(f"config.model_kwargs={kwargs!r}: model {config.model!r} cannot be "
+                         f"built for inputs of shape {x.shape}: {type(e).__name__}: "
+                         f"{text}") from None
 
 
 def validate_config(config: Any, *, num_devices: int | None = None) -> None:
