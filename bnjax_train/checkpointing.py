@@ -18,9 +18,12 @@ The text files of a workdir are :mod:`bnjax_train.run_files`'.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -107,11 +110,12 @@ class Checkpoints:
 
     def __init__(self, workdir: str, *, max_to_keep: int) -> None:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=False),
-            item_names=("state", "meta"))
+        with _quiet_orbax():  # it logs each damaged step it lists; restore_intact says why
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                     enable_async_checkpointing=False),
+                item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None."""
@@ -160,10 +164,12 @@ class Checkpoints:
         skipped: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
-                tree, meta = self.restore(step, target)
+                with _quiet_orbax():  # its own log lines about the damage; ours says it all
+                    tree, meta = self.restore(step, target)
                 problem = restored_problem(step, tree, meta, target, steps_per_epoch)
             except Exception as e:  # noqa: BLE001 -- any failure to read is damage
                 tree, meta, problem = None, {}, _one_line(e)
+                _quiet_closed_loop_reads()
             if problem is None:
                 return Restored(step, tree, meta, skipped)
             skipped.append((step, problem))
@@ -191,16 +197,49 @@ class Checkpoints:
                 dest = os.path.join(aside, f"{step}-{k}")
             os.replace(os.path.join(self.directory, str(step)), dest)
             moved.append(dest)
-        self._manager.reload()
+        self.reload()
         return moved
 
     def reload(self) -> None:
         """Reads the folder's list of checkpoints again (after another process changed it)."""
-        self._manager.reload()
+        with _quiet_orbax():
+            self._manager.reload()
 
     def close(self) -> None:
-        """Releases the manager."""
-        self._manager.close()
+        """Releases the manager (again: nothing)."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _quiet_closed_loop_reads() -> None:
+    """Drops the "Event loop is closed" errors of reads left over from a failed restore.
+
+    When orbax gives up on a damaged checkpoint, tensorstore still finishes the other reads
+    and reports into orbax's closed event loop; Python prints each as an unraisable error.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "bnjax_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.bnjax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _one_line(error: BaseException) -> str:

@@ -394,10 +394,11 @@ def _run(run: Run, state: bnjax.TrainState, claim: Claim, changes: dict[str, lis
         if config.stop_after_steps and loop.step >= config.stop_after_steps:
             interrupted = loop.epoch < config.num_epochs
             break
+    saved = run.checkpoints.latest_step() == loop.step
     run.checkpoints.close()
     result: dict[str, Any] = dict(records[-1]) if records else {"step": loop.step}
     if interrupted:
-        return _interrupted(run, loop, result, saved=True)
+        return _interrupted(run, loop, result, saved=saved)
     if run.is_main and records:
         reporting.plot_curves(records, os.path.join(run.workdir, "curves.png"),
                               reporting.run_title(config))
