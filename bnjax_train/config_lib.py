@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import runpy
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,16 @@ import jax
 import ml_collections
 import numpy as np
 
-import bnjax
 from bnjax_train import input_pipeline, sources
 from bnjax_train import models as models_lib
+from bnjax_train.model_options import (
+    MODEL_OPTIONS,
+    Check,
+    check_model_builds,
+    model_kwargs_errors,
+    resolved_norm,
+)
+from bnjax_train.model_options import int_at_least as _int_at_least
 
 __all__ = [
     "CONFIG_DIR",
@@ -64,13 +71,6 @@ RESUME_CHANGEABLE_FIELDS = ("learning_rate", "schedule", "warmup_epochs", "num_e
 RESUME_FREE_FIELDS = INVOCATION_FIELDS + RESUME_CHANGEABLE_FIELDS
 _OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded")
 
-Check = tuple[Callable[[Any], bool], str]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-
 def _is_num(v: Any) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) \
         and bool(np.isfinite(v))
@@ -78,10 +78,6 @@ def _is_num(v: Any) -> bool:
 
 def _one_of(options: Sequence[str]) -> Check:
     return (lambda v: v in options), f"one of {list(options)}"
-
-
-def _int_at_least(lo: int) -> Check:
-    return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
 
 
 def _dataset_ok(v: Any) -> bool:
@@ -129,90 +125,6 @@ def _config_fields() -> dict[str, Check]:
     }
 
 
-def _is_int_seq(v: Any, lo: int, *, nonempty: bool = False) -> bool:
-    return (isinstance(v, tuple | list) and (bool(v) or not nonempty)
-            and all(_is_int(i) and i >= lo for i in v))
-
-
-def _int_seq(lo: int, *, nonempty: bool = False) -> Check:
-    what = f"a {'non-empty ' if nonempty else ''}sequence of integers >= {lo}, e.g. (32, 64)"
-    return (lambda v: _is_int_seq(v, lo, nonempty=nonempty)), what
-
-
-def _norm_layer_options(norm: str) -> set[str]:
-    """The attributes the layer of ``norm`` accepts in ``norm_kwargs[norm]``."""
-    if norm == "none":
-        return set()
-    cls = models_lib.BatchFreeNorm if norm in ("group", "layer") else bnjax.BatchNorm
-    return set(cls.__dataclass_fields__) - {"parent", "name", "axis_name", "kind"}
-
-
-def _norm_kwargs_errors(value: Any) -> list[str]:
-    """What is wrong in a model's ``norm_kwargs`` (``{norm: {layer attribute: value}}``)."""
-    where = "config.model_kwargs.norm_kwargs"
-    if not isinstance(value, Mapping):
-        return [f"{where}={value!r}: must be a mapping {{norm: {{layer attribute: value}}}}, "
-                "e.g. {'ghost': {'virtual_batch_size': 8}}"]
-    errors = []
-    for norm, kw in value.items():
-        if norm not in models_lib.NORMS:
-            errors.append(f"{where}.{norm}: unknown norm; accepted: {list(models_lib.NORMS)}")
-        elif not isinstance(kw, Mapping):
-            errors.append(f"{where}.{norm}={kw!r}: must be a mapping of layer attributes")
-        elif set(kw) - _norm_layer_options(norm):
-            errors.append(f"{where}.{norm}: unknown attribute(s) "
-                          f"{sorted(set(kw) - _norm_layer_options(norm))}; the {norm!r} layer "
-                          f"takes {sorted(_norm_layer_options(norm))}")
-    return errors
-
-
-#: The options each model of the zoo takes in ``config.model_kwargs``: a check of the value and
-#: what it accepts (``norm_kwargs``, which every model takes, is checked against the layers'
-#: attributes). Checked before any data is read; the model is then traced (shapes only) on the
-#: dataset's inputs before anything compiles.
-MODEL_OPTIONS: dict[str, dict[str, Check]] = {
-    "cnn1d": {"features": _int_seq(1, nonempty=True), "kernel_size": _int_at_least(1),
-              "pool_after": _int_seq(0), "hidden": _int_at_least(0)},
-    "mlp": {"hidden": _int_seq(1)},
-    "kmnist_cnn": {},
-    "resnet20": {"blocks_per_stage": _int_at_least(1)},
-}
-
-
-def _plain(value: Any) -> Any:
-    return value.to_dict() if hasattr(value, "to_dict") else value
-
-
-def _model_kwargs_errors(config: Any) -> list[str]:
-    """Errors of ``config.model_kwargs`` for ``config.model`` (unknown names, bad values)."""
-    kwargs = {k: _plain(v) for k, v in dict(config.model_kwargs).items()}
-    try:
-        models_lib.create_model(config.model, num_classes=10, norm=resolved_norm(config),
-                                **kwargs)
-    except (TypeError, ValueError) as e:
-        return [f"config.model_kwargs={kwargs!r}: {e}"]
-    errors = _norm_kwargs_errors(kwargs.get("norm_kwargs") or {})
-    for name, (ok, what) in MODEL_OPTIONS[config.model].items():
-        if name in kwargs and not ok(kwargs[name]):
-            errors.append(f"config.model_kwargs.{name}={kwargs[name]!r}: must be {what} "
-                          f"(model {config.model!r})")
-    return errors
-
-
-def resolved_norm(config: Any) -> str:
-    """The normalization a config asks for: ``config.norm``, or ``"none"`` if ``with_bn`` is False.
-
-    Example:
-      >>> import ml_collections
-      >>> resolved_norm(ml_collections.ConfigDict({"norm": "batch", "with_bn": False}))
-      'none'
-    """
-    norm = config.get("norm", "batch")
-    if "with_bn" in config and config.with_bn is False:
-        return "none"
-    return norm
-
-
 def _field_errors(config: Any, fields: Mapping[str, Check]) -> tuple[list[str], set[str]]:
     """Errors of the fields one by one, and the names of the fields that passed."""
     keys = list(config.keys())
@@ -245,50 +157,8 @@ def _cross_field_errors(config: Any, good: set[str], num_devices: int) -> list[s
         errors.append(f"config.warmup_epochs={config.warmup_epochs!r}: must be <= "
                       f"config.num_epochs={config.num_epochs}")
     if {"model", "norm", "model_kwargs"} <= good:
-        errors += _model_kwargs_errors(config)
+        errors += model_kwargs_errors(config)
     return errors
-
-
-def check_model_builds(config: Any, example: Any, num_classes: int, batch: int) -> None:
-    """Traces the config's model on a batch like ``example`` (shapes only, nothing compiled).
-
-    Catches what :func:`validate_config` cannot see without the data: options that fail on the
-    dataset's inputs (too many poolings for the length, ghost batches that do not divide the
-    per-device batch, a norm option of the wrong type).
-
-    Args:
-      config: the validated config.
-      example: one normalized input example batch (only its shape and dtype are used).
-      num_classes: the dataset's number of classes.
-      batch: the examples per device in a train step.
-
-    Raises:
-      ValueError: naming ``config.model_kwargs``, the input shape and the error.
-
-    Example:
-      >>> import numpy as np
-      >>> config = load_config("tiny")
-      >>> config.model_kwargs.pool_after = (0, 1, 2, 3, 4, 5, 6)
-      >>> config.model_kwargs.features = (8,) * 7
-      >>> check_model_builds(config, np.zeros((1, 40), np.float32), 10, 8)
-      Traceback (most recent call last):
-      ...
-      ValueError: config.model_kwargs={...}: model 'cnn1d' cannot be built for inputs of ...
-    """
-    kwargs = {k: _plain(v) for k, v in dict(config.model_kwargs).items()}
-    model = models_lib.create_model(config.model, num_classes=num_classes,
-                                    norm=resolved_norm(config), **kwargs)
-    x = jax.ShapeDtypeStruct((batch,) + tuple(np.shape(example)[1:]), np.result_type(example))
-    try:
-        variables = jax.eval_shape(
-            lambda x: model.init(jax.random.key(0), x, training=False), x)
-        jax.eval_shape(lambda v, x: model.apply(v, x, training=True, mutable=["batch_stats"]),
-                       variables, x)
-    except Exception as e:  # noqa: BLE001 -- whatever the model raises, name the option
-        text = " ".join(str(e).split("\n")[0].split())[:300]
-        raise ValueError(f"config.model_kwargs={kwargs!r}: model {config.model!r} cannot be "
-                         f"built for inputs of shape {x.shape}: {type(e).__name__}: "
-                         f"{text}") from None
 
 
 def validate_config(config: Any, *, num_devices: int | None = None) -> None:

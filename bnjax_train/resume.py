@@ -86,6 +86,16 @@ def find_resume_point(checkpoints: checkpointing.Checkpoints, target: Any, *,
     Raises:
       bnjax_train.checkpointing.NoIntactCheckpointError: checkpoints, none intact.
       WorkdirError: ``metrics.jsonl`` has epoch lines but there is no checkpoint.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     ckpt = checkpointing.Checkpoints(d, max_to_keep=2)
+      ...     point = find_resume_point(ckpt, {}, steps_per_epoch=4, num_epochs=2,
+      ...                               metrics_path=os.path.join(d, "metrics.jsonl"))
+      ...     ckpt.close()
+      >>> point.restored, point.loop.step, point.finished
+      (None, 0, False)
     """
     restored = checkpoints.restore_intact(target, steps_per_epoch=steps_per_epoch)
     lines = run_files.read_metrics(metrics_path)
@@ -123,6 +133,17 @@ def commit(point: ResumePoint, *, checkpoints: checkpointing.Checkpoints, workdi
     Prints the skipped checkpoints (a warning) and the resume line; sets the skipped ones
     aside; rewrites ``config.json`` and ``metrics.jsonl`` (the lines up to the checkpoint, then
     a ``config_change`` event if ``changes``). Call it for a run that is not finished.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     ckpt = checkpointing.Checkpoints(d, max_to_keep=2)
+      ...     commit(ResumePoint(None, LoopState(), [], False), checkpoints=ckpt, workdir=d,
+      ...            config={"seed": 0}, changes={}, num_epochs=2, steps_per_epoch=4,
+      ...            is_main=True)
+      ...     ckpt.close()
+      ...     sorted(os.listdir(d))
+      ['checkpoints', 'config.json', 'metrics.jsonl']
     """
     restored = point.restored
     if restored is not None and restored.skipped:
@@ -148,8 +169,25 @@ def commit(point: ResumePoint, *, checkpoints: checkpointing.Checkpoints, workdi
     run_files.write_metrics(os.path.join(workdir, "metrics.jsonl"), point.lines)
 
 
-def report_finished(point: ResumePoint, workdir: str, *, is_main: bool) -> dict[str, Any]:
-    """A finished run's result (its last epoch line), printed; nothing is written."""
+def report_finished(point: ResumePoint, workdir: str, *, is_main: bool,
+                    read_only: bool = False) -> dict[str, Any]:
+    """A finished run's result (its last epoch line), printed; nothing is written.
+
+    Raises:
+      WorkdirError: ``read_only`` and the run is not finished (it cannot go on).
+
+    Example:
+      >>> last = {"epoch": 2, "step": 8, "test_accuracy": 0.5, "test_loss": 1.25}
+      >>> point = ResumePoint(None, LoopState(step=8, epoch=2), [last], True)
+      >>> report_finished(point, "runs/x", is_main=True)["step"]  # doctest: +ELLIPSIS
+      Finished run in runs/x: final test accuracy 0.5000 (test loss 1.2500) after 8 steps, ...
+      8
+    """
+    if not point.finished:
+        if read_only:
+            raise WorkdirError(f"--workdir {workdir} is not writable and its run is not "
+                               "finished; make it writable or use another --workdir.")
+        raise ValueError(f"the run in {workdir} is not finished")
     records = point.records
     result = dict(records[-1]) if records else {"step": point.loop.step,
                                                 "epoch": point.loop.epoch}

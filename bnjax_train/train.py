@@ -27,18 +27,14 @@ import numpy as np
 
 import bnjax
 from bnjax.parallel import host_first_replica
-from bnjax_train import checkpointing, input_pipeline, reporting, resume, run_files
+from bnjax_train import checkpointing, input_pipeline, reporting, resume
 from bnjax_train import models as models_lib
-from bnjax_train.config_lib import (
-    check_model_builds,
-    config_dict,
-    resolved_norm,
-    validate_config,
-)
+from bnjax_train.config_lib import check_model_builds, config_dict, resolved_norm, validate_config
+from bnjax_train.epochs import end_epoch, evaluate, train_epoch
 from bnjax_train.loop_state import LoopState, NonFiniteTrainingError
 from bnjax_train.optimizers import make_optimizer
 from bnjax_train.stopping import StopSignals
-from bnjax_train.workdir import Claim, WorkdirError, claim_workdir
+from bnjax_train.workdir import Claim, claim_workdir
 
 __all__ = [
     "NonFiniteTrainingError",
@@ -181,118 +177,6 @@ def _resume(run: Run, state: bnjax.TrainState) -> tuple[bnjax.TrainState, resume
     return state, point
 
 
-def _count(run: Run, loop: LoopState, pending: tuple[Any, int]) -> None:
-    metrics, step = pending
-    loop.count(run.first(metrics), step=step,
-               max_consecutive_skips=run.config.max_consecutive_skips, workdir=run.workdir)
-
-
-def train_epoch(run: Run, state: bnjax.TrainState,
-                loop: LoopState) -> tuple[bnjax.TrainState, bool]:
-    """Runs the rest of epoch ``loop.epoch`` from ``loop.batch_in_epoch``.
-
-    Saves a checkpoint every ``config.checkpoint_every_steps`` steps and stops early (saving
-    one) at ``config.stop_after_steps`` or after the step in which a SIGINT/SIGTERM arrived.
-    Each step's metrics are read one step late, so the host never waits for the device between
-    steps.
-
-    Returns:
-      The new state and whether ``stop_after_steps`` or a signal interrupted the epoch.
-
-    Example:
-      >>> run, state = _setup(config, "runs/example")  # doctest: +SKIP
-      >>> state, interrupted = train_epoch(run, state, LoopState())  # doctest: +SKIP
-    """
-    from tqdm import tqdm
-
-    config = run.config
-    bar = tqdm(total=run.steps_per_epoch, initial=loop.batch_in_epoch,
-               desc=f"epoch {loop.epoch + 1}/{config.num_epochs}",
-               disable=not (config.progress_bar and run.is_main), leave=False, unit="step",
-               dynamic_ncols=True)
-    batches = input_pipeline.train_batches(
-        run.ds, batch_size=config.batch_size, seed=config.seed, epoch=loop.epoch,
-        start=loop.batch_in_epoch, num_local_devices=jax.local_device_count(),
-        process_index=run.process_index, process_count=run.process_count,
-        augment=config.augment)
-    pending, interrupted = None, False
-    for k, batch in enumerate(batches, start=loop.batch_in_epoch):
-        state, metrics = run.train_step(state, run.feed(batch))
-        if pending is not None:
-            _count(run, loop, pending)
-        loop.step += 1
-        pending = (metrics, loop.step)
-        bar.update(1)
-        sums = loop.epoch_sums
-        if (k + 1) % 10 == 0 and sums[3] > sums[2]:
-            means = loop.epoch_means()
-            bar.set_postfix(loss=f"{means['train_loss']:.4f}",
-                            acc=f"{means['train_accuracy']:.4f}")
-        end_of_epoch = k + 1 == run.steps_per_epoch
-        stop = ((bool(config.stop_after_steps) and loop.step >= config.stop_after_steps)
-                or run.stopping())
-        periodic = (bool(config.checkpoint_every_steps)
-                    and loop.step % config.checkpoint_every_steps == 0)
-        if end_of_epoch or stop or periodic:
-            _count(run, loop, pending)
-            pending = None
-        if end_of_epoch:
-            break
-        if stop or periodic:
-            loop.batch_in_epoch = k + 1
-            run.save(state, loop)
-        if stop:
-            interrupted = True
-            break
-    if pending is not None:
-        _count(run, loop, pending)
-    bar.close()
-    return state, interrupted
-
-
-def evaluate(run: Run, state: bnjax.TrainState,
-             split: input_pipeline.Split) -> dict[str, float]:
-    """Mean loss and accuracy over every example of ``split`` (moving statistics).
-
-    Every process runs the same padded batches; the sums are global.
-
-    Example:
-      >>> run, state = _setup(config, "runs/example")  # doctest: +SKIP
-      >>> evaluate(run, state, run.ds.test)  # doctest: +SKIP
-      {'loss': 2.30..., 'accuracy': 0.1...}
-    """
-    sums = np.zeros(3)
-    for batch in input_pipeline.eval_batches(
-            run.ds, split, batch_size=run.config.eval_batch_size,
-            num_local_devices=jax.local_device_count(), process_count=run.process_count):
-        m = run.first(run.eval_step(state, run.feed(batch)))
-        sums += [float(m["loss_sum"]), float(m["correct"]), float(m["count"])]
-    count = max(sums[2], 1.0)
-    return {"loss": sums[0] / count, "accuracy": sums[1] / count}
-
-
-def _end_epoch(run: Run, state: bnjax.TrainState, loop: LoopState,
-               records: list[dict[str, Any]]) -> None:
-    """Evaluates, writes the epoch's metrics line, moves to the next epoch and checkpoints."""
-    ds = run.ds
-    record: dict[str, Any] = {
-        "epoch": loop.epoch + 1, "step": loop.step, **loop.epoch_means(),
-        "skipped_steps": int(loop.epoch_sums[2]), "total_skipped_steps": loop.total_skipped,
-    }
-    splits = [("test", ds.test)] + ([("val", ds.validation)] if ds.validation else [])
-    for split_name, split in splits:
-        for key, value in evaluate(run, state, split).items():
-            record[f"{split_name}_{key}"] = value
-    record["elapsed_s"] = round(loop.elapsed(), 3)
-    records.append(record)
-    if run.is_main:
-        run_files.append_metrics(run.metrics_path, record)
-        print(reporting.epoch_line(record, run.config.num_epochs, [s for s, _ in splits]),
-              flush=True)
-    loop.next_epoch()
-    run.save(state, loop)
-
-
 def _announce(run: Run) -> None:
     config, ds = run.config, run.ds
     how = ""
@@ -364,11 +248,9 @@ def _run(run: Run, state: bnjax.TrainState, claim: Claim, changes: dict[str, lis
     config = run.config
     state, point = _resume(run, state)
     loop, records = point.loop, point.records
-    if point.finished or claim.read_only:
-        if not point.finished:
-            raise WorkdirError(f"--workdir {run.workdir} is not writable and its run is not "
-                               "finished; make it writable or use another --workdir.")
-        return resume.report_finished(point, run.workdir, is_main=run.is_main)
+    if point.finished or claim.read_only:  # writes nothing
+        return resume.report_finished(point, run.workdir, is_main=run.is_main,
+                                      read_only=claim.read_only)
     if run.stopping():  # a signal during start-up: nothing trained yet
         run.checkpoints.close()
         claim.discard_new()
@@ -390,7 +272,7 @@ def _run(run: Run, state: bnjax.TrainState, claim: Claim, changes: dict[str, lis
         state, interrupted = train_epoch(run, state, loop)
         if interrupted:
             break
-        _end_epoch(run, state, loop, records)
+        end_epoch(run, state, loop, records)
         if config.stop_after_steps and loop.step >= config.stop_after_steps:
             interrupted = loop.epoch < config.num_epochs
             break
@@ -409,10 +291,8 @@ def _run(run: Run, state: bnjax.TrainState, claim: Claim, changes: dict[str, lis
 def _interrupted(run: Run, loop: LoopState, result: dict[str, Any],
                  saved: bool) -> dict[str, Any]:
     """The result of a run stopped early (``stop_after_steps`` or a signal), reported."""
-    result["interrupted"] = True
     signal_name = run.stop.name if run.stop is not None else None
-    if signal_name:
-        result["signal"] = signal_name
+    result.update(interrupted=True, **({"signal": signal_name} if signal_name else {}))
     if run.is_main:
         print(reporting.stopped_line(loop.step, signal_name, saved), flush=True)
     return result
