@@ -109,6 +109,7 @@ def find_resume_point(checkpoints: checkpointing.Checkpoints, target: Any, *,
                 f"resume. To start over, delete or move {workdir} (or use a new --workdir).")
         return ResumePoint(None, LoopState(), [], False)
     loop = LoopState.from_meta(restored.step, restored.meta)
+    # Lines past the checkpoint come from a run killed after writing them: it redoes them.
     lines = [r for r in lines if r.get("step", 0) <= restored.step]
     return ResumePoint(restored, loop, lines, loop.epoch >= num_epochs)
 
