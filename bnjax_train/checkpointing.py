@@ -247,6 +247,12 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
 
 
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an array, a ``jax.ShapeDtypeStruct`` or a Python number."""
+    dtype = getattr(x, "dtype", None)
+    return tuple(getattr(x, "shape", np.shape(x))), np.dtype(dtype or np.result_type(x))
+
+
 def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -302,9 +308,9 @@ def restored_problem(step: int, tree: Any, meta: Mapping[str, Any], target: Any,
         return "its arrays are not those of this run's state (another model or optimizer?)"
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
                                  jax.tree.leaves(target), strict=True):
-        if np.shape(got) != np.shape(want) or np.result_type(got) != np.result_type(want):
-            return (f"array {jax.tree_util.keystr(path)} has shape {np.shape(got)} "
-                    f"{np.result_type(got)}, not {np.shape(want)} {np.result_type(want)}")
+        if _shape_dtype(got) != _shape_dtype(want):
+            return (f"array {jax.tree_util.keystr(path)} has shape %s %s, not %s %s"
+                    % (*_shape_dtype(got), *_shape_dtype(want)))
     if int(np.asarray(tree["step"])) != step:
         return f"its step array says {int(np.asarray(tree['step']))}, its folder {step}"
     position = meta["epoch"] * steps_per_epoch + meta["batch_in_epoch"]
