@@ -1,43 +1,72 @@
-"""Checkpoints and the files of a workdir: orbax set-up, save, resume, and checks of what resumes.
+"""Checkpoints of a workdir: orbax set-up, save, and a resume that survives damaged ones.
 
-A workdir holds ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per epoch)
-and ``checkpoints/<step>/`` (orbax, two items: ``state``, the arrays -- step, params,
+A workdir keeps ``checkpoints/<step>/`` (orbax, two items: ``state``, the arrays -- step, params,
 batch_stats, optimizer state, RNG -- and ``meta``, JSON: where the loop is in the data and what
-the current epoch has summed so far). orbax writes each checkpoint into a temporary folder and
-renames it when complete, and the text files are replaced atomically or appended line by line
-with ``fsync``, so a process killed at any moment leaves a workdir that resumes from its last
-complete checkpoint.
+the current epoch has summed so far), the last ``keep_checkpoints`` of them. orbax writes each
+checkpoint into a temporary folder and renames it when complete, so a process killed at any
+moment leaves a workdir that resumes from its last complete checkpoint.
+
+A checkpoint can still be damaged afterwards (a full disk, a copy cut short, a hand edit).
+:meth:`Checkpoints.restore_intact` therefore checks the newest before resuming from it -- its
+``meta`` (every key, of the right type), its step against its folder name and against the
+epoch and batch that ``meta`` gives, every array read back with the shape and dtype of the
+run's state -- and falls back to the newest intact one, naming what it skipped and why
+(:meth:`Checkpoints.set_aside` then moves those to ``damaged_checkpoints/``). With none
+intact it raises :class:`NoIntactCheckpointError` naming the folder and how to start over.
+The text files of a workdir are :mod:`bnjax_train.run_files`'.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from bnjax.parallel import host_first_replica
-from bnjax_train.config_lib import RESUME_FREE_FIELDS
 
 __all__ = [
     "META_KEYS",
     "Checkpoints",
-    "append_metrics",
+    "NoIntactCheckpointError",
+    "Restored",
     "check_meta",
-    "check_same_config",
-    "read_metrics",
     "restore_variables",
+    "restored_problem",
     "state_tree",
-    "write_atomic",
-    "write_metrics",
 ]
 
-#: The keys of a checkpoint's ``meta`` item (see ``bnjax_train.train.LoopState``).
+#: The keys of a checkpoint's ``meta`` item (see ``bnjax_train.loop_state.LoopState``).
 META_KEYS = ("epoch", "batch_in_epoch", "epoch_sums", "consecutive_skips", "total_skipped",
              "elapsed_s")
+
+
+class NoIntactCheckpointError(ValueError):
+    """A workdir holds checkpoints, none of them intact."""
+
+
+@dataclasses.dataclass
+class Restored:
+    """The checkpoint a run resumes from, and the newer ones skipped as damaged.
+
+    Attributes:
+      step: its step (the folder's name).
+      tree: the arrays, restored like the target (see :func:`state_tree`).
+      meta: the loop's position and sums (:data:`META_KEYS`).
+      skipped: ``(step, why)`` of each newer checkpoint that was not intact, newest first.
+    """
+
+    step: int
+    tree: Any
+    meta: dict[str, Any]
+    skipped: list[tuple[int, str]]
 
 
 def state_tree(state: Any, rng_data: Any, *, replicated: bool = False) -> dict[str, Any]:
@@ -81,11 +110,12 @@ class Checkpoints:
 
     def __init__(self, workdir: str, *, max_to_keep: int) -> None:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=False),
-            item_names=("state", "meta"))
+        with _quiet_orbax():  # it logs each damaged step it lists; restore_intact says why
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                     enable_async_checkpointing=False),
+                item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint, or None."""
@@ -97,22 +127,138 @@ class Checkpoints:
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(dict(meta))))
         self._manager.wait_until_finished()
 
+    def all_steps(self) -> list[int]:
+        """The steps of every checkpoint folder, complete or not, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """``(tree, meta)`` of checkpoint ``step``, restored like ``target`` (unchecked)."""
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.meta)
+
     def restore_latest(self, target: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """``(step, tree, meta)`` of the newest checkpoint, restored like ``target``; or None."""
         step = self.latest_step()
         if step is None:
             return None
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return step, restored.state, dict(restored.meta)
+        tree, meta = self.restore(step, target)
+        return step, tree, meta
+
+    def restore_intact(self, target: Any, *, steps_per_epoch: int) -> Restored | None:
+        """The newest checkpoint that passes every check, and the newer ones that did not.
+
+        Args:
+          target: the run's fresh state as :func:`state_tree` gives it (structure, shapes
+            and dtypes every checkpoint must have).
+          steps_per_epoch: train steps per epoch (a checkpoint's step must be ``epoch *
+            steps_per_epoch + batch_in_epoch`` of its ``meta``).
+
+        Returns:
+          The :class:`Restored` checkpoint, or None if there are no checkpoints at all.
+
+        Raises:
+          NoIntactCheckpointError: there are checkpoints, none intact; the message names
+            each, why it was rejected, and how to start over.
+        """
+        skipped: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                with _quiet_orbax():  # its own log lines about the damage; ours says it all
+                    tree, meta = self.restore(step, target)
+                problem = restored_problem(step, tree, meta, target, steps_per_epoch)
+            except Exception as e:  # noqa: BLE001 -- any failure to read is damage
+                tree, meta, problem = None, {}, _one_line(e)
+                _quiet_closed_loop_reads()
+            if problem is None:
+                return Restored(step, tree, meta, skipped)
+            skipped.append((step, problem))
+        if not skipped:
+            return None
+        workdir = os.path.dirname(self.directory)
+        raise NoIntactCheckpointError(
+            f"no intact checkpoint in {self.directory}: "
+            + "; ".join(f"{step}: {why}" for step, why in skipped)
+            + f". To start this run over, delete or move {workdir} (or use a new --workdir); "
+            "to keep trying, restore a copy of the checkpoints folder first.")
+
+    def set_aside(self, steps: list[int]) -> list[str]:
+        """Moves checkpoints ``steps`` to ``<workdir>/damaged_checkpoints/``; their new paths.
+
+        A resumed run would otherwise meet them again when it reaches their steps.
+        """
+        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        os.makedirs(aside, exist_ok=True)
+        moved = []
+        for step in steps:
+            dest, k = os.path.join(aside, str(step)), 1
+            while os.path.lexists(dest):
+                k += 1
+                dest = os.path.join(aside, f"{step}-{k}")
+            os.replace(os.path.join(self.directory, str(step)), dest)
+            moved.append(dest)
+        self.reload()
+        return moved
+
+    def reload(self) -> None:
+        """Reads the folder's list of checkpoints again (after another process changed it)."""
+        with _quiet_orbax():
+            self._manager.reload()
 
     def close(self) -> None:
-        """Releases the manager."""
-        self._manager.close()
+        """Releases the manager (again: nothing)."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _quiet_closed_loop_reads() -> None:
+    """Drops the "Event loop is closed" errors of reads left over from a failed restore.
+
+    When orbax gives up on a damaged checkpoint, tensorstore still finishes the other reads
+    and reports into orbax's closed event loop; Python prints each as an unraisable error.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "bnjax_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.bnjax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or "(no message)"
+    return f"{type(error).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _shape_dtype(x: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of an array, a ``jax.ShapeDtypeStruct`` or a Python number."""
+    dtype = getattr(x, "dtype", None)
+    return tuple(getattr(x, "shape", np.shape(x))), np.dtype(dtype or np.result_type(x))
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def check_meta(meta: Mapping[str, Any], where: str) -> None:
-    """Raises a ``ValueError`` if a restored ``meta`` item lacks a key the loop needs.
+    """Raises a ``ValueError`` if a restored ``meta`` item lacks a key or has a bad value.
 
     Example:
       >>> check_meta({"epoch": 1}, "ckpt/4")  # doctest: +ELLIPSIS
@@ -125,112 +271,53 @@ def check_meta(meta: Mapping[str, Any], where: str) -> None:
         raise ValueError(
             f"checkpoint {where} has meta keys {sorted(meta)} but lacks {missing}; it was not "
             "written by this program. Use a new --workdir.")
+    sums = meta["epoch_sums"]
+    bad = [k for k in ("epoch", "batch_in_epoch", "consecutive_skips", "total_skipped")
+           if not _is_count(meta[k])]
+    if not (isinstance(sums, list) and len(sums) == 4
+            and all(isinstance(v, int | float) and np.isfinite(v) for v in sums)):
+        bad.append("epoch_sums")
+    if not (isinstance(meta["elapsed_s"], int | float) and np.isfinite(meta["elapsed_s"])):
+        bad.append("elapsed_s")
+    if bad:
+        raise ValueError(f"checkpoint {where} has bad meta values "
+                         f"{ {k: meta[k] for k in bad} }")
 
 
-def check_same_config(workdir: str, config: Mapping[str, Any]) -> None:
-    """Raises a ``ValueError`` if ``workdir`` holds a run whose config differs from ``config``.
+def restored_problem(step: int, tree: Any, meta: Mapping[str, Any], target: Any,
+                     steps_per_epoch: int) -> str | None:
+    """Why a restored checkpoint cannot be resumed from, or None if it can.
 
-    Fields in ``RESUME_FREE_FIELDS`` may differ (they do not change the numbers a run
-    produces); a workdir without ``config.json`` passes.
-
-    Args:
-      workdir: the run's folder.
-      config: the new run's config as JSON data (``config_lib.config_dict``).
-
-    Example:
-      >>> import json, os, tempfile
-      >>> with tempfile.TemporaryDirectory() as d:
-      ...     write_atomic(os.path.join(d, "config.json"), json.dumps({"seed": 0}))
-      ...     check_same_config(d, {"seed": 1})  # doctest: +ELLIPSIS
-      Traceback (most recent call last):
-      ...
-      ValueError: workdir ... holds a run with another config (fields config.seed: 0 there, ...
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
-    diff = sorted(k for k in set(old) | set(config) if k not in RESUME_FREE_FIELDS
-                  and old.get(k) != config.get(k))
-    if diff:
-        raise ValueError(
-            f"workdir {workdir!r} holds a run with another config (fields "
-            + ", ".join(f"config.{k}: {old.get(k)!r} there, {config.get(k)!r} now"
-                        for k in diff)
-            + "); resume it with the same config or use a new --workdir.")
-
-
-def write_atomic(path: str, text: str) -> None:
-    r"""Writes ``text`` to ``path`` through a temporary file and a rename: never half a file.
+    Checked: ``meta`` (:func:`check_meta`); the arrays have the structure, shapes and dtypes
+    of ``target``; the ``step`` array, the folder's ``step`` and the position in ``meta``
+    (``epoch * steps_per_epoch + batch_in_epoch``) agree.
 
     Example:
-      >>> import os, tempfile
-      >>> with tempfile.TemporaryDirectory() as d:
-      ...     write_atomic(os.path.join(d, "a.txt"), "hi\n")
-      ...     os.listdir(d)
-      ['a.txt']
+      >>> import numpy as np
+      >>> meta = {"epoch": 99, "batch_in_epoch": 0, "epoch_sums": [0.0, 0.0, 0, 0],
+      ...         "consecutive_skips": 0, "total_skipped": 0, "elapsed_s": 1.0}
+      >>> tree = {"step": np.int32(8)}
+      >>> restored_problem(8, tree, meta, tree, steps_per_epoch=4)
+      'meta says epoch 99, batch 0 (step 396 at 4 steps per epoch), not step 8'
     """
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    r"""The complete lines of ``metrics.jsonl`` (a torn last line is dropped).
-
-    Example:
-      >>> import os, tempfile
-      >>> with tempfile.TemporaryDirectory() as d:
-      ...     path = os.path.join(d, "metrics.jsonl")
-      ...     write_atomic(path, '{"step": 4}\n{"step": 8')
-      ...     read_metrics(path)
-      [{'step': 4}]
-    """
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return out
-
-
-def append_metrics(path: str, record: Mapping[str, Any]) -> None:
-    """Appends one JSON line to ``metrics.jsonl`` and flushes it to disk.
-
-    Example:
-      >>> import os, tempfile
-      >>> with tempfile.TemporaryDirectory() as d:
-      ...     append_metrics(os.path.join(d, "m.jsonl"), {"step": 1})
-      ...     read_metrics(os.path.join(d, "m.jsonl"))
-      [{'step': 1}]
-    """
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_metrics(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-    """Replaces ``metrics.jsonl`` with ``records`` (atomically).
-
-    Example:
-      >>> import os, tempfile
-      >>> with tempfile.TemporaryDirectory() as d:
-      ...     write_metrics(os.path.join(d, "m.jsonl"), [{"step": 4}, {"step": 8}])
-      ...     read_metrics(os.path.join(d, "m.jsonl"))
-      [{'step': 4}, {'step': 8}]
-    """
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    try:
+        check_meta(meta, str(step))
+    except ValueError as e:
+        return str(e).split(f"checkpoint {step} ", 1)[-1]
+    if jax.tree.structure(tree) != jax.tree.structure(target):
+        return "its arrays are not those of this run's state (another model or optimizer?)"
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                 jax.tree.leaves(target), strict=True):
+        if _shape_dtype(got) != _shape_dtype(want):
+            return (f"array {jax.tree_util.keystr(path)} has shape %s %s, not %s %s"
+                    % (*_shape_dtype(got), *_shape_dtype(want)))
+    if int(np.asarray(tree["step"])) != step:
+        return f"its step array says {int(np.asarray(tree['step']))}, its folder {step}"
+    position = meta["epoch"] * steps_per_epoch + meta["batch_in_epoch"]
+    if position != step or meta["batch_in_epoch"] >= steps_per_epoch:
+        return (f"meta says epoch {meta['epoch']}, batch {meta['batch_in_epoch']} (step "
+                f"{position} at {steps_per_epoch} steps per epoch), not step {step}")
+    return None
 
 
 def restore_variables(workdir: str) -> dict[str, Any]:

@@ -3,28 +3,51 @@
 A config is an ``ml_collections.ConfigDict`` returned by ``get_config()`` of a Python file in
 ``configs/`` (see ``configs/default.py`` for every field). :func:`load_config` finds those files
 relative to this program (``<repository>/configs``), so it works from any current directory and
-after a non-editable ``pip install .``.
+after a non-editable ``pip install .``; a file that is missing, fails to run or has no
+``get_config`` raises :class:`ConfigFileError` naming it.
+
+:func:`validate_config` checks every field, and the options of each model in
+``model_kwargs`` (:data:`MODEL_OPTIONS`), before any data is read or anything compiled. When a
+run resumes, the fields in :data:`RESUME_CHANGEABLE_FIELDS` (they leave every array's shape as
+it is) may differ from the run's ``config.json``, and those in :data:`INVOCATION_FIELDS` (how
+this process runs, not what it computes) too; any other difference is refused.
 """
 
 from __future__ import annotations
 
 import json
 import runpy
-from collections.abc import Callable, Mapping, Sequence
+import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from bnjax_train import input_pipeline, sources
 from bnjax_train import models as models_lib
+from bnjax_train.model_options import (
+    MODEL_OPTIONS,
+    Check,
+    check_model_builds,
+    model_kwargs_errors,
+    resolved_norm,
+)
+from bnjax_train.model_options import int_at_least as _int_at_least
 
 __all__ = [
     "CONFIG_DIR",
+    "INVOCATION_FIELDS",
+    "MODEL_OPTIONS",
     "OPTIMIZERS",
+    "RESUME_CHANGEABLE_FIELDS",
     "RESUME_FREE_FIELDS",
     "SCHEDULES",
+    "ConfigFileError",
+    "ConfigFileNotFoundError",
+    "check_model_builds",
     "config_dict",
     "load_config",
     "resolved_norm",
@@ -35,18 +58,18 @@ __all__ = [
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
-#: Fields that may differ between an interrupted run and its resumption (they do not change
-#: the numbers a run produces).
-RESUME_FREE_FIELDS = ("stop_after_steps", "progress_bar", "data_dir", "keep_checkpoints",
-                      "checkpoint_every_steps", "precise_bn_batches", "export_folded")
+#: Fields that say how this process runs, not what the run computes: they may differ between a
+#: run and its resumption and the change is not recorded.
+INVOCATION_FIELDS = ("stop_after_steps", "progress_bar", "data_dir")
+#: Fields that may change when a run resumes (they leave every array's shape as it is: the
+#: learning rate and its schedule, the number of epochs, evaluation and checkpoint cadence,
+#: the skip limit, the inference tools at the end); the change is logged in ``metrics.jsonl``.
+RESUME_CHANGEABLE_FIELDS = ("learning_rate", "schedule", "warmup_epochs", "num_epochs",
+                            "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
+                            "max_consecutive_skips", "precise_bn_batches", "export_folded")
+#: Every field that may differ between a run and its resumption.
+RESUME_FREE_FIELDS = INVOCATION_FIELDS + RESUME_CHANGEABLE_FIELDS
 _OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded")
-
-Check = tuple[Callable[[Any], bool], str]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) \
@@ -55,10 +78,6 @@ def _is_num(v: Any) -> bool:
 
 def _one_of(options: Sequence[str]) -> Check:
     return (lambda v: v in options), f"one of {list(options)}"
-
-
-def _int_at_least(lo: int) -> Check:
-    return (lambda v: _is_int(v) and v >= lo), f"an integer >= {lo}"
 
 
 def _dataset_ok(v: Any) -> bool:
@@ -106,20 +125,6 @@ def _config_fields() -> dict[str, Check]:
     }
 
 
-def resolved_norm(config: Any) -> str:
-    """The normalization a config asks for: ``config.norm``, or ``"none"`` if ``with_bn`` is False.
-
-    Example:
-      >>> import ml_collections
-      >>> resolved_norm(ml_collections.ConfigDict({"norm": "batch", "with_bn": False}))
-      'none'
-    """
-    norm = config.get("norm", "batch")
-    if "with_bn" in config and config.with_bn is False:
-        return "none"
-    return norm
-
-
 def _field_errors(config: Any, fields: Mapping[str, Check]) -> tuple[list[str], set[str]]:
     """Errors of the fields one by one, and the names of the fields that passed."""
     keys = list(config.keys())
@@ -152,11 +157,7 @@ def _cross_field_errors(config: Any, good: set[str], num_devices: int) -> list[s
         errors.append(f"config.warmup_epochs={config.warmup_epochs!r}: must be <= "
                       f"config.num_epochs={config.num_epochs}")
     if {"model", "norm", "model_kwargs"} <= good:
-        try:
-            models_lib.create_model(config.model, num_classes=10, norm=resolved_norm(config),
-                                    **dict(config.model_kwargs))
-        except (TypeError, ValueError) as e:
-            errors.append(f"config.model_kwargs={dict(config.model_kwargs)!r}: {e}")
+        errors += model_kwargs_errors(config)
     return errors
 
 
@@ -188,6 +189,49 @@ def validate_config(config: Any, *, num_devices: int | None = None) -> None:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
 
+class ConfigFileError(ValueError):
+    """A config file that fails to run or whose ``get_config()`` gives no config."""
+
+
+class ConfigFileNotFoundError(ConfigFileError, FileNotFoundError):
+    """No config file by that name or path."""
+
+
+def _line_in(error: BaseException, path: Path) -> str:
+    """`` (line N)``: the last line of ``path`` in ``error``'s traceback, if any."""
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+             if Path(f.filename).resolve() == path.resolve()]
+    return f" (line {lines[-1]})" if lines else ""
+
+
+def _run_config_file(path: Path, shown: str) -> Any:
+    """``get_config()`` of the file at ``path``; errors name the file as ``shown``."""
+    try:
+        namespace = runpy.run_path(str(path))
+    except SyntaxError as e:
+        raise ConfigFileError(f"config file {shown!r} is not valid Python (line {e.lineno}: "
+                              f"{e.msg})") from None
+    except Exception as e:
+        raise ConfigFileError(f"config file {shown!r} failed to run: {type(e).__name__}: "
+                              f"{e}{_line_in(e, path)}") from None
+    get_config = namespace.get("get_config")
+    if not callable(get_config):
+        raise ConfigFileError(
+            f"config file {shown!r} has no get_config() function; a config file defines "
+            "get_config() returning an ml_collections.ConfigDict (see configs/default.py)")
+    try:
+        config = get_config()
+    except Exception as e:
+        raise ConfigFileError(f"config file {shown!r}: get_config() raised "
+                              f"{type(e).__name__}: {e}{_line_in(e, path)}") from None
+    if isinstance(config, Mapping) and not isinstance(config, ml_collections.ConfigDict):
+        config = ml_collections.ConfigDict(dict(config))
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigFileError(f"config file {shown!r}: get_config() returned a "
+                              f"{type(config).__name__}, not an ml_collections.ConfigDict")
+    return config
+
+
 def load_config(name_or_path: str | Path) -> Any:
     """Runs a config file's ``get_config()``: a path, or the name of a file in ``configs/``.
 
@@ -203,13 +247,20 @@ def load_config(name_or_path: str | Path) -> Any:
       The ``ml_collections.ConfigDict``.
 
     Raises:
-      FileNotFoundError: no such file.
+      ConfigFileNotFoundError: no such file (a ``FileNotFoundError`` too).
+      ConfigFileError: the file is not valid Python, raises when run, has no ``get_config``,
+        or its ``get_config()`` raises or returns something else than a config; the message
+        names the file (and the line).
 
     Example:
       >>> load_config("default").dataset
       'mnist1d'
       >>> load_config("configs/tiny.py").num_epochs
       2
+      >>> load_config("configs/nope.py")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      bnjax_train.config_lib.ConfigFileNotFoundError: config file 'configs/nope.py' not found ...
     """
     path = Path(name_or_path)
     candidates = [path]
@@ -219,8 +270,8 @@ def load_config(name_or_path: str | Path) -> Any:
         candidates.append(CONFIG_DIR.parent / path)
     for candidate in candidates:
         if candidate.is_file():
-            return runpy.run_path(str(candidate))["get_config"]()
-    raise FileNotFoundError(
+            return _run_config_file(candidate, str(name_or_path))
+    raise ConfigFileNotFoundError(
         f"config file {str(name_or_path)!r} not found (looked at "
         f"{[str(c) for c in candidates]}).")
 

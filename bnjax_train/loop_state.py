@@ -124,12 +124,22 @@ class LoopState:
                 f"{self.consecutive_skips} consecutive training steps (up to step {step}) had "
                 "a non-finite loss or gradient and were skipped (config.max_consecutive_skips="
                 f"{max_consecutive_skips}); stopping. The parameters and moving statistics "
-                "are unchanged by those steps; lower config.learning_rate or check the data. "
-                f"The last complete checkpoint in {workdir} is intact.")
+                "are unchanged by those steps. The last complete checkpoint in "
+                f"{workdir} is intact: run the same command with a lower learning rate "
+                "(--config.learning_rate=...) to resume from it, or check the data.")
 
-    def epoch_means(self) -> dict[str, float]:
-        """Mean training loss and accuracy of the epoch so far, over the steps not skipped."""
-        n_ok = max(self.epoch_sums[3] - self.epoch_sums[2], 1)
+    def epoch_means(self) -> dict[str, float | None]:
+        """Mean training loss and accuracy of the epoch so far, over the steps not skipped.
+
+        None when every step so far was skipped (there is no mean to report).
+
+        Example:
+          >>> LoopState(epoch_sums=[0.0, 0.0, 4, 4]).epoch_means()
+          {'train_loss': None, 'train_accuracy': None}
+        """
+        n_ok = self.epoch_sums[3] - self.epoch_sums[2]
+        if n_ok <= 0:
+            return {"train_loss": None, "train_accuracy": None}
         return {"train_loss": self.epoch_sums[0] / n_ok,
                 "train_accuracy": self.epoch_sums[1] / n_ok}
 

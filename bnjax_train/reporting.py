@@ -1,11 +1,20 @@
-"""What a run prints and draws: the start line, one line per epoch, ``curves.png``."""
+"""What a run prints and draws: where it resumes, one line per epoch, how it ends, ``curves.png``.
+
+Every metric may be None (``null`` in ``metrics.jsonl``): a mean over no steps (every step of
+the epoch was skipped as non-finite) or a non-finite value; it prints as ``n/a``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["epoch_line", "plot_curves"]
+__all__ = ["checkpoint_warning", "epoch_line", "final_line", "finished_line", "plot_curves",
+           "resume_line", "run_title", "stopped_line"]
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def epoch_line(record: Mapping[str, Any], num_epochs: int, splits: Sequence[str]) -> str:
@@ -24,14 +33,95 @@ def epoch_line(record: Mapping[str, Any], num_epochs: int, splits: Sequence[str]
       'epoch 1/2 step 4: train loss 2.0000 acc 0.2500 | test loss 1.5000 acc 0.5000 | 3.0 s'
     """
     msg = (f"epoch {record['epoch']}/{num_epochs} step {record['step']}: train loss "
-           f"{record['train_loss']:.4f} acc {record['train_accuracy']:.4f}")
+           f"{_num(record['train_loss'])} acc {_num(record['train_accuracy'])}")
     for split in list(splits)[::-1]:
-        msg += (f" | {split} loss {record[f'{split}_loss']:.4f} acc "
-                f"{record[f'{split}_accuracy']:.4f}")
+        msg += (f" | {split} loss {_num(record[f'{split}_loss'])} acc "
+                f"{_num(record[f'{split}_accuracy'])}")
     if record["total_skipped_steps"]:
-        msg += (f" | skipped {record['skipped_steps']} "
-                f"(total {record['total_skipped_steps']})")
+        ran = "" if record["train_loss"] is not None else ", every step of the epoch"
+        msg += (f" | skipped {record['skipped_steps']}{ran} (total "
+                f"{record['total_skipped_steps']}; train means over the steps that ran)")
     return f"{msg} | {record['elapsed_s']:.1f} s"
+
+
+def resume_line(where: str, step: int, epoch: int, batch: int, num_epochs: int,
+                steps_per_epoch: int) -> str:
+    """The line printed when a run resumes (``epoch`` 0-based, as in ``LoopState``).
+
+    Example:
+      >>> resume_line("runs/x/checkpoints/6", 6, 1, 2, 2, 4)
+      'Resuming from runs/x/checkpoints/6 at step 6: epoch 2 of 2, batch 3 of 4 next'
+    """
+    return (f"Resuming from {where} at step {step}: epoch {epoch + 1} of {num_epochs}, "
+            f"batch {batch + 1} of {steps_per_epoch} next")
+
+
+def checkpoint_warning(skipped: Sequence[tuple[int, str]], resumed: int,
+                       moved: Sequence[str]) -> str:
+    """The warning printed when the newest checkpoints were damaged and skipped.
+
+    Example:
+      >>> checkpoint_warning([(8, "its step array says 7, its folder 8")], 4, [])
+      'warning: skipped checkpoint 8 (its step array says 7, its folder 8); resuming from 4'
+    """
+    text = "; ".join(f"checkpoint {step} ({why})" for step, why in skipped)
+    where = f"; moved to {', '.join(moved)}" if moved else ""
+    return f"warning: skipped {text}; resuming from {resumed}{where}"
+
+
+def final_line(result: Mapping[str, Any], seconds: float, workdir: str) -> str:
+    """The last line of a run that trained to the end.
+
+    Example:
+      >>> print(final_line({"test_accuracy": 0.5, "test_loss": 1.25, "step": 8}, 3.0, "runs/x"))
+      Final test accuracy: 0.5000 (test loss 1.2500) after 8 steps; 3.0 s in this process;
+      outputs in runs/x
+    """
+    return (f"Final test accuracy: {_num(result['test_accuracy'])} (test loss "
+            f"{_num(result['test_loss'])}) after {result['step']} steps; {seconds:.1f} s in "
+            f"this process; outputs in {workdir}")
+
+
+def finished_line(result: Mapping[str, Any], workdir: str) -> str:
+    """What a finished run prints when it is run again (it writes nothing).
+
+    Example:
+      >>> print(finished_line({"test_accuracy": 0.5, "test_loss": 1.25, "step": 8, "epoch": 2},
+      ...                     "runs/x"))  # doctest: +NORMALIZE_WHITESPACE
+      Finished run in runs/x: final test accuracy 0.5000 (test loss 1.2500) after 8 steps,
+      2 epochs; nothing to do (a larger --config.num_epochs trains on)
+    """
+    return (f"Finished run in {workdir}: final test accuracy "
+            f"{_num(result.get('test_accuracy'))} (test loss {_num(result.get('test_loss'))}) "
+            f"after {result['step']} steps, {result['epoch']} epochs; nothing to do (a larger "
+            "--config.num_epochs trains on)")
+
+
+def stopped_line(step: int, signal_name: str | None, saved: bool) -> str:
+    """The one line a run stopped early prints: by a signal, or by ``stop_after_steps``.
+
+    Example:
+      >>> stopped_line(6, "SIGINT", True)
+      'interrupted at step 6; saved; run the same command to resume'
+      >>> stopped_line(3, None, True)
+      'Stopped after step 3 (config.stop_after_steps); run the same command again to resume.'
+    """
+    if signal_name is None:
+        return (f"Stopped after step {step} (config.stop_after_steps); run the same command "
+                "again to resume.")
+    what = "saved" if saved else "nothing new to save"
+    return f"interrupted at step {step}; {what}; run the same command to resume"
+
+
+def run_title(config: Any) -> str:
+    """``MODEL (norm=NORM) on DATASET``: what a run trains.
+
+    Example:
+      >>> run_title({"model": "mlp", "norm": "batch", "with_bn": False, "dataset": "mnist1d"})
+      'mlp (norm=none) on mnist1d'
+    """
+    norm = "none" if config.get("with_bn", True) is False else config["norm"]
+    return f"{config['model']} (norm={norm}) on {config['dataset']}"
 
 
 def plot_curves(records: Sequence[Mapping[str, Any]], path: str, title: str) -> None:

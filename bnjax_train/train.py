@@ -5,12 +5,16 @@
 each process of a multi-host job reading its own shard of the data. It evaluates with the
 moving statistics after each epoch, checkpoints (:mod:`bnjax_train.checkpointing`) and resumes
 exactly where an interrupted run stopped.
+
+Around the loop: one run per workdir (an OS lock, :mod:`bnjax_train.workdir`); SIGINT and
+SIGTERM finish the current step, save and return (:mod:`bnjax_train.stopping`); a resume skips
+damaged checkpoints and may change the fields that leave the arrays' shapes alone
+(:mod:`bnjax_train.resume`); a run that fails during start-up leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -23,11 +27,14 @@ import numpy as np
 
 import bnjax
 from bnjax.parallel import host_first_replica
-from bnjax_train import checkpointing, input_pipeline, reporting
+from bnjax_train import checkpointing, input_pipeline, reporting, resume
 from bnjax_train import models as models_lib
-from bnjax_train.config_lib import config_dict, resolved_norm, validate_config
+from bnjax_train.config_lib import check_model_builds, config_dict, resolved_norm, validate_config
+from bnjax_train.epochs import end_epoch, evaluate, train_epoch
 from bnjax_train.loop_state import LoopState, NonFiniteTrainingError
 from bnjax_train.optimizers import make_optimizer
+from bnjax_train.stopping import StopSignals
+from bnjax_train.workdir import Claim, claim_workdir
 
 __all__ = [
     "NonFiniteTrainingError",
@@ -86,6 +93,11 @@ class Run:
     data_parallel: bool = False
     process_index: int = 0
     process_count: int = 1
+    stop: StopSignals | None = None
+
+    def stopping(self) -> bool:
+        """Whether a SIGINT/SIGTERM asks the run to stop (agreed by every process)."""
+        return self.stop is not None and self.stop.agreed(self.process_count)
 
     @property
     def is_main(self) -> bool:
@@ -135,6 +147,8 @@ def _setup(config: Any, workdir: str) -> tuple[Run, bnjax.TrainState]:
         raise ValueError(
             f"config.batch_size={config.batch_size}: larger than the {ds.train.total} training "
             f"examples of {config.dataset!r}; use a batch size <= {ds.train.total}.")
+    check_model_builds(config, ds.normalize(ds.train.x[:1]), ds.num_classes,
+                       config.batch_size // jax.device_count())
     model = models_lib.create_model(
         config.model, num_classes=ds.num_classes, norm=resolved_norm(config),
         axis_name="batch" if data_parallel else None, **dict(config.model_kwargs))
@@ -149,141 +163,18 @@ def _setup(config: Any, workdir: str) -> tuple[Run, bnjax.TrainState]:
     return run, state
 
 
-def _resume(run: Run, state: bnjax.TrainState) -> tuple[bnjax.TrainState, LoopState, list]:
-    """Restores the workdir's newest checkpoint, if any; rewrites its text files to match."""
-    cfg = config_dict(run.config)
-    loop, latest = LoopState(), run.checkpoints.latest_step()
-    if latest is not None:
-        checkpointing.check_same_config(run.workdir, cfg)
-        latest, tree, meta = run.checkpoints.restore_latest(
-            checkpointing.state_tree(state, run.rng_data))
-        where = os.path.join(run.checkpoints.directory, str(latest))
-        checkpointing.check_meta(meta, where)
+def _resume(run: Run, state: bnjax.TrainState) -> tuple[bnjax.TrainState, resume.ResumePoint]:
+    """Restores the workdir's newest intact checkpoint, if any (see :mod:`bnjax_train.resume`)."""
+    point = resume.find_resume_point(
+        run.checkpoints, checkpointing.state_tree(state, run.rng_data),
+        steps_per_epoch=run.steps_per_epoch, num_epochs=run.config.num_epochs,
+        metrics_path=run.metrics_path)
+    if point.restored is not None:
+        tree = point.restored.tree
         state = state.replace(step=jnp.asarray(tree["step"]), params=tree["params"],
                               batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
         run.rng_data = np.asarray(tree["rng"])
-        loop = LoopState.from_meta(latest, meta)
-        if run.is_main:
-            print(f"Resuming from {where} (step {latest}, epoch {loop.epoch + 1}, batch "
-                  f"{loop.batch_in_epoch})", flush=True)
-    # Lines past the checkpoint come from a run killed after writing them: it redoes them.
-    records = [r for r in checkpointing.read_metrics(run.metrics_path)
-               if latest is not None and r.get("step", 0) <= latest]
-    if run.is_main:
-        checkpointing.write_atomic(os.path.join(run.workdir, "config.json"),
-                                   json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        checkpointing.write_metrics(run.metrics_path, records)
-    return state, loop, records
-
-
-def _count(run: Run, loop: LoopState, pending: tuple[Any, int]) -> None:
-    metrics, step = pending
-    loop.count(run.first(metrics), step=step,
-               max_consecutive_skips=run.config.max_consecutive_skips, workdir=run.workdir)
-
-
-def train_epoch(run: Run, state: bnjax.TrainState,
-                loop: LoopState) -> tuple[bnjax.TrainState, bool]:
-    """Runs the rest of epoch ``loop.epoch`` from ``loop.batch_in_epoch``.
-
-    Saves a checkpoint every ``config.checkpoint_every_steps`` steps and stops early (saving
-    one) at ``config.stop_after_steps``. Each step's metrics are read one step late, so the host
-    never waits for the device between steps.
-
-    Returns:
-      The new state and whether ``stop_after_steps`` interrupted the epoch.
-
-    Example:
-      >>> run, state = _setup(config, "runs/example")  # doctest: +SKIP
-      >>> state, interrupted = train_epoch(run, state, LoopState())  # doctest: +SKIP
-    """
-    from tqdm import tqdm
-
-    config = run.config
-    bar = tqdm(total=run.steps_per_epoch, initial=loop.batch_in_epoch,
-               desc=f"epoch {loop.epoch + 1}/{config.num_epochs}",
-               disable=not (config.progress_bar and run.is_main), leave=False, unit="step",
-               dynamic_ncols=True)
-    batches = input_pipeline.train_batches(
-        run.ds, batch_size=config.batch_size, seed=config.seed, epoch=loop.epoch,
-        start=loop.batch_in_epoch, num_local_devices=jax.local_device_count(),
-        process_index=run.process_index, process_count=run.process_count,
-        augment=config.augment)
-    pending, interrupted = None, False
-    for k, batch in enumerate(batches, start=loop.batch_in_epoch):
-        state, metrics = run.train_step(state, run.feed(batch))
-        if pending is not None:
-            _count(run, loop, pending)
-        loop.step += 1
-        pending = (metrics, loop.step)
-        bar.update(1)
-        sums = loop.epoch_sums
-        if (k + 1) % 10 == 0 and sums[3] > sums[2]:
-            means = loop.epoch_means()
-            bar.set_postfix(loss=f"{means['train_loss']:.4f}",
-                            acc=f"{means['train_accuracy']:.4f}")
-        end_of_epoch = k + 1 == run.steps_per_epoch
-        stop = bool(config.stop_after_steps) and loop.step >= config.stop_after_steps
-        periodic = (bool(config.checkpoint_every_steps)
-                    and loop.step % config.checkpoint_every_steps == 0)
-        if end_of_epoch or stop or periodic:
-            _count(run, loop, pending)
-            pending = None
-        if end_of_epoch:
-            break
-        if stop or periodic:
-            loop.batch_in_epoch = k + 1
-            run.save(state, loop)
-        if stop:
-            interrupted = True
-            break
-    if pending is not None:
-        _count(run, loop, pending)
-    bar.close()
-    return state, interrupted
-
-
-def evaluate(run: Run, state: bnjax.TrainState,
-             split: input_pipeline.Split) -> dict[str, float]:
-    """Mean loss and accuracy over every example of ``split`` (moving statistics).
-
-    Every process runs the same padded batches; the sums are global.
-
-    Example:
-      >>> run, state = _setup(config, "runs/example")  # doctest: +SKIP
-      >>> evaluate(run, state, run.ds.test)  # doctest: +SKIP
-      {'loss': 2.30..., 'accuracy': 0.1...}
-    """
-    sums = np.zeros(3)
-    for batch in input_pipeline.eval_batches(
-            run.ds, split, batch_size=run.config.eval_batch_size,
-            num_local_devices=jax.local_device_count(), process_count=run.process_count):
-        m = run.first(run.eval_step(state, run.feed(batch)))
-        sums += [float(m["loss_sum"]), float(m["correct"]), float(m["count"])]
-    count = max(sums[2], 1.0)
-    return {"loss": sums[0] / count, "accuracy": sums[1] / count}
-
-
-def _end_epoch(run: Run, state: bnjax.TrainState, loop: LoopState,
-               records: list[dict[str, Any]]) -> None:
-    """Evaluates, writes the epoch's metrics line, moves to the next epoch and checkpoints."""
-    ds = run.ds
-    record: dict[str, Any] = {
-        "epoch": loop.epoch + 1, "step": loop.step, **loop.epoch_means(),
-        "skipped_steps": int(loop.epoch_sums[2]), "total_skipped_steps": loop.total_skipped,
-    }
-    splits = [("test", ds.test)] + ([("val", ds.validation)] if ds.validation else [])
-    for split_name, split in splits:
-        for key, value in evaluate(run, state, split).items():
-            record[f"{split_name}_{key}"] = value
-    record["elapsed_s"] = round(loop.elapsed(), 3)
-    records.append(record)
-    if run.is_main:
-        checkpointing.append_metrics(run.metrics_path, record)
-        print(reporting.epoch_line(record, run.config.num_epochs, [s for s, _ in splits]),
-              flush=True)
-    loop.next_epoch()
-    run.save(state, loop)
+    return state, point
 
 
 def _announce(run: Run) -> None:
@@ -303,11 +194,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
     Uses every device (data parallel under ``pmap`` with synchronized batch norm when there
     is more than one), evaluates with the moving statistics after each epoch, and writes into
-    ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one line per epoch),
-    ``checkpoints/<step>/`` (orbax: params, batch_stats, optimizer state, step, RNG and the
-    data position; each epoch, every ``checkpoint_every_steps`` and at the end) and
-    ``curves.png``. Running it again on the same ``workdir`` continues from the last complete
-    checkpoint and ends with the same metrics as an uninterrupted run.
+    ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one strict JSON line
+    per epoch), ``checkpoints/<step>/`` (orbax: params, batch_stats, optimizer state, step, RNG
+    and the data position; each epoch, every ``checkpoint_every_steps`` and at the end; the
+    last ``keep_checkpoints``) and ``curves.png``. Running it again on the same ``workdir``
+    continues from the newest intact checkpoint and ends with the same metrics as an
+    uninterrupted run; on a finished run it prints the result and writes nothing. The workdir
+    is locked for the run and checked before anything is computed; a run that fails during
+    start-up leaves nothing behind; SIGINT or SIGTERM finishes the step, saves and returns.
 
     Args:
       config: the training config (see ``configs/default.py``); checked by
@@ -316,11 +210,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
     Returns:
       The last metrics line (``epoch``, ``step``, ``train_*``, ``test_*``, ...) plus
-      ``"interrupted": True`` when ``stop_after_steps`` stopped the run early.
+      ``"interrupted": True`` when ``stop_after_steps`` or a signal stopped the run early
+      (and ``"signal": "SIGINT"`` or ``"SIGTERM"``).
 
     Raises:
-      ValueError: a bad config field (named in the message), or a ``workdir`` holding a run
-        with another config.
+      ValueError: a bad config field (named in the message), a ``workdir`` holding a run
+        with another config, a workdir that cannot be used or is in use
+        (:class:`bnjax_train.workdir.WorkdirError`), checkpoints none of which is intact
+        (:class:`bnjax_train.checkpointing.NoIntactCheckpointError`).
       bnjax_train.input_pipeline.DatasetNotFoundError: the dataset is not on disk.
       NonFiniteTrainingError: ``max_consecutive_skips`` steps in a row were not finite.
 
@@ -333,39 +230,72 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     t_start = time.time()
     validate_config(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    run, state = _setup(config, workdir)
-    state, loop, records = _resume(run, state)
+    index = jax.process_index()
+    with (StopSignals() as stop,
+          claim_workdir(workdir, process_index=index, is_main=index == 0) as claim):
+        changes = resume.check_config(workdir, config_dict(config), read_only=claim.read_only)
+        run, state = _setup(config, workdir)
+        run.stop = stop
+        try:
+            return _run(run, state, claim, changes, t_start)
+        finally:
+            run.checkpoints.close()
+
+
+def _run(run: Run, state: bnjax.TrainState, claim: Claim, changes: dict[str, list[Any]],
+         t_start: float) -> dict[str, Any]:
+    """Resumes (or shows a finished run), trains to the end or to a stop, reports."""
+    config = run.config
+    state, point = _resume(run, state)
+    loop, records = point.loop, point.records
+    if point.finished or claim.read_only:  # writes nothing
+        return resume.report_finished(point, run.workdir, is_main=run.is_main,
+                                      read_only=claim.read_only)
+    if run.stopping():  # a signal during start-up: nothing trained yet
+        run.checkpoints.close()
+        claim.discard_new()
+        return _interrupted(run, loop, {"step": loop.step}, saved=point.restored is not None)
+    resume.commit(point, checkpoints=run.checkpoints, workdir=run.workdir,
+                  config=config_dict(config), changes=changes, num_epochs=config.num_epochs,
+                  steps_per_epoch=run.steps_per_epoch, is_main=run.is_main,
+                  process_count=run.process_count)
+    claim.start()
     if run.data_parallel:
         state = bnjax.replicate(state)
     if run.is_main:
         _announce(run)
     interrupted = False
     while loop.epoch < config.num_epochs and not interrupted:
+        interrupted = run.stopping()
+        if interrupted:
+            break
         state, interrupted = train_epoch(run, state, loop)
         if interrupted:
             break
-        _end_epoch(run, state, loop, records)
+        end_epoch(run, state, loop, records)
         if config.stop_after_steps and loop.step >= config.stop_after_steps:
             interrupted = loop.epoch < config.num_epochs
             break
+    saved = run.checkpoints.latest_step() == loop.step
     run.checkpoints.close()
     result: dict[str, Any] = dict(records[-1]) if records else {"step": loop.step}
     if interrupted:
-        result["interrupted"] = True
-        if run.is_main:
-            print(f"Stopped after step {loop.step} (config.stop_after_steps); run the same "
-                  "command again to resume.", flush=True)
-        return result
+        return _interrupted(run, loop, result, saved=saved)
     if run.is_main and records:
-        reporting.plot_curves(records, os.path.join(workdir, "curves.png"),
-                              f"{config.model} (norm={resolved_norm(config)}) on "
-                              f"{config.dataset}")
-        print(f"Final test accuracy: {result['test_accuracy']:.4f} (test loss "
-              f"{result['test_loss']:.4f}) after {result['step']} steps; "
-              f"{time.time() - t_start:.1f} s in this process; outputs in {workdir}",
-              flush=True)
+        reporting.plot_curves(records, os.path.join(run.workdir, "curves.png"),
+                              reporting.run_title(config))
+        print(reporting.final_line(result, time.time() - t_start, run.workdir), flush=True)
     return _inference_tools(run, state, result)
+
+
+def _interrupted(run: Run, loop: LoopState, result: dict[str, Any],
+                 saved: bool) -> dict[str, Any]:
+    """The result of a run stopped early (``stop_after_steps`` or a signal), reported."""
+    signal_name = run.stop.name if run.stop is not None else None
+    result.update(interrupted=True, **({"signal": signal_name} if signal_name else {}))
+    if run.is_main:
+        print(reporting.stopped_line(loop.step, signal_name, saved), flush=True)
+    return result
 
 
 def _inference_tools(run: Run, state: bnjax.TrainState, result: dict[str, Any]) -> dict:

@@ -10,7 +10,14 @@ Expected result (measured): final test accuracy 0.974 after 20 epochs (>= 0.94, 
 CNN), in 12 s on 2 idle CPU cores from a cold start (data generation and compilation
 included; under 40 s with other jobs on the cores); the last line printed is
 "Final test accuracy: 0.9740 ...".
-Every field below is checked at start-up; `python train.py --helpfull` lists the flags.
+Every field below is checked at start-up (a bad one: exit code 2 and a message naming it); set
+any with --config.FIELD=VALUE (--config.model_kwargs.OPTION=VALUE for the model's options);
+`python train.py --helpfull` lists the other flags. Running the same command again resumes
+the run in its workdir from the newest intact checkpoint; Ctrl-C or SIGTERM saves first.
+A resumed run may change learning_rate, schedule, warmup_epochs, num_epochs, eval_batch_size,
+checkpoint_every_steps, keep_checkpoints, max_consecutive_skips, precise_bn_batches and
+export_folded (the change is logged in metrics.jsonl), and data_dir, progress_bar and
+stop_after_steps; any other change is refused, naming the fields.
 """
 
 import ml_collections
@@ -33,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimization.
     config.seed = 0
-    config.num_epochs = 20
+    config.num_epochs = 20  # more on resume: a finished run trains on
     config.batch_size = 100  # global batch, split across all devices
     config.eval_batch_size = 1000
     config.optimizer = "adamw"  # "adam", "adamw", "sgd", "momentum"
@@ -46,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Checkpoints, logging.
     config.checkpoint_every_steps = 0  # also save every N steps (0: each epoch and the end)
-    config.keep_checkpoints = 2
+    config.keep_checkpoints = 2  # the newest K; a damaged newest one is skipped on resume
     config.progress_bar = True
     config.stop_after_steps = 0  # stop (as if interrupted) after N steps; 0: never
 

@@ -5,6 +5,9 @@ Command:
     python train.py --config configs/tiny.py --workdir /tmp/bnjax_tiny
 
 Expected result: finishes in seconds (2 epochs of 4 steps); the accuracy is meaningless.
+Running it again prints "Finished run in /tmp/bnjax_tiny: ..." and writes nothing; Ctrl-C
+during the run prints "interrupted at step N; saved; run the same command to resume" (exit
+code 130). The tests of the program's robustness (tests/test_train_hardening.py) run this.
 """
 
 import os
