@@ -21,6 +21,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bnjax_train import run_files
+
 __all__ = ["compare_norms", "plot_comparison", "steps_to_target"]
 
 _VARIANTS = (("batch", "with batch norm"), ("none", "without batch norm"))
@@ -45,7 +47,8 @@ def steps_to_target(records: Sequence[Mapping[str, Any]], target: float,
       80
     """
     for r in records:
-        if key in r and (r[key] <= target if below else r[key] >= target):
+        v = r.get(key)
+        if v is not None and (v <= target if below else v >= target):
             return int(r["step"])
     return None
 
@@ -60,8 +63,9 @@ def _variant_config(config: Any, norm: str) -> Any:
 
 
 def _read(path: str) -> list[dict[str, Any]]:
+    """The epoch lines of a run's ``metrics.jsonl`` (event lines left out)."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return run_files.epoch_records([json.loads(line) for line in f if line.strip()])
 
 
 def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str, *,
@@ -151,7 +155,8 @@ def compare_norms(config: Any, workdir: str, *, target: float = 0.97,
         runs[label] = records
         summary[norm] = {
             "final_test_accuracy": records[-1]["test_accuracy"],
-            "best_test_accuracy": max(r["test_accuracy"] for r in records),
+            "best_test_accuracy": max((r["test_accuracy"] for r in records
+                                       if r.get("test_accuracy") is not None), default=None),
             "steps_to_accuracy": {str(t): steps_to_target(records, t) for t in targets},
             "steps_to_train_loss": steps_to_target(records, loss_target, "train_loss",
                                                    below=True),

@@ -4,8 +4,9 @@ Command:
 
     python train.py --config configs/mnist1d_nobn.py --workdir runs/mnist1d_nobn
 
-Expected result: final test accuracy 0.957 (0.974 with batch norm), learned more slowly
-(compare both with `python -m bnjax_train.compare`). The conv and dense layers get biases in place
+Expected result: a lower final test accuracy than with batch norm, learned more slowly
+(compare both with `python -m bnjax_train.compare`; measured figures of both in
+benchmarks/results/train_default.json, rendered in docs/training.md). The conv and dense layers get biases in place
 of the batch-norm offsets; everything else is the default config.
 """
 

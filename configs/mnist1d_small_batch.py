@@ -15,9 +15,10 @@ noisier statistics, a regularizer), ``"group"`` / ``"layer"`` (statistics per ex
 batch size does not matter) and ``"none"``. Per-norm options live in
 ``model_kwargs.norm_kwargs`` below, keyed by norm name, so switching ``norm`` alone is enough.
 
-Expected result: the test accuracies of the six runs side by side; see the README section
-"Variants, Flax NNX and converters" for the figures measured with this file. 6 epochs of 500
-steps, a few minutes per run on 2 CPU cores.
+Expected result: the test accuracies of the six runs side by side (the batch-size study,
+`python -m bnjax_train.studies batch_size`, measures the same question over several batch
+sizes and seeds; docs/studies.md). 6 epochs of 500 steps, a few minutes per run on 2 CPU
+cores.
 """
 
 import os
