@@ -99,7 +99,8 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
     """Per-device shifted sums, stacked as ``[count, shift, sum(x - shift), sum((x - shift)^2)]``.
 
     The shift is one value of the batch per feature (the first valid value of that feature),
-    so the sums stay small even when ``|mean| / std`` is large. Masked-out values, whatever
+    so the sums stay small even when ``|mean| / std`` is large; on the CPU it is 0 (plain
+    sums) where that is accurate enough (see ``_cpu_sums``). Masked-out values, whatever
     they hold (NaN, Inf, any finite value), take no part: they are selected away, never
     multiplied by zero. The two sums are computed by :func:`sums_of`.
 
@@ -112,8 +113,9 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
       An array of shape ``(4, *feature_shape)`` in the statistics dtype.
 
     Example:
-      >>> local_sums(jnp.array([[1.0], [3.0]]), (1,), None).ravel().tolist()
-      [2.0, 1.0, 2.0, 4.0]
+      >>> sums = local_sums(jnp.array([[1.0], [3.0]]), (1,), None)
+      >>> sums.shape, combine_sums(sums[None]).var.tolist()
+      ((4, 1), [1.0])
     """
     dt = stat_dtype(x.dtype)
     red = tuple(i for i in range(x.ndim) if i not in axes)

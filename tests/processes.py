@@ -1,5 +1,6 @@
 """Starting test subprocesses that are bounded in time and always ended (shared by tests)."""
 
+import os
 import socket
 import subprocess
 import time
@@ -42,3 +43,15 @@ def run_processes(commands: list[tuple[list[str], dict]], log_dir: Path,
             texts.append(log.read())
             log.close()
     return [p.returncode for p in procs], texts
+
+
+def one_device_env(**extra):
+    """The environment for a subprocess that needs one CPU device (compiles much less than 8).
+
+    conftest.py gives this process 8 forced CPU devices through XLA_FLAGS; a child that does not
+    test several devices gets one, and the repository root on its path.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               **extra)
+    return env

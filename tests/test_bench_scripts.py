@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from processes import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,9 @@ def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
     # fold writes to its default --out (under bench_results/ of the current directory).
     out = tmp_path / ("bench_results/fold.json" if script == "fold" else "out.json")
     extra = [] if script == "fold" else ["--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT)) if script == "sync" else one_device_env()
     proc = subprocess.run([sys.executable, "-m", "benchmarks", script, "--quick", *extra],
-                          cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -49,8 +51,7 @@ def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(tmp_
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks", "inference_eval", "--config",
              "configs/tiny.py", "--num_samples", "2", *extra],
-            cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-            text=True, timeout=300)
+            cwd=tmp_path, env=one_device_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout
 
