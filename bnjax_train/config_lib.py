@@ -38,8 +38,9 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 #: Fields that may differ between an interrupted run and its resumption (they do not change
 #: the numbers a run produces).
 RESUME_FREE_FIELDS = ("stop_after_steps", "progress_bar", "data_dir", "keep_checkpoints",
-                      "checkpoint_every_steps", "precise_bn_batches", "export_folded")
-_OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded")
+                      "checkpoint_every_steps", "precise_bn_batches", "export_folded",
+                      "parallel")
+_OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded", "parallel")
 
 Check = tuple[Callable[[Any], bool], str]
 
@@ -97,6 +98,7 @@ def _config_fields() -> dict[str, Check]:
         "weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
         "momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
         "max_consecutive_skips": _int_at_least(1),
+        "parallel": _one_of(("mesh", "shard_map", "pmap")),
         "checkpoint_every_steps": _int_at_least(0),
         "keep_checkpoints": _int_at_least(1),
         "progress_bar": (_is_bool, "True or False"),
