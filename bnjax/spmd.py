@@ -15,9 +15,11 @@ be synchronized across the devices in two ways:
   device's shifted sums with bnjax's single collective and combines them exactly, gradients
   are averaged over the axis. This is the ``pmap`` program on a mesh: the collectives are the
   ones bnjax writes (one per layer forward, one per layer backward), and it is the way to get
-  statistics of groups smaller than the mesh (``axis_index_groups``) or per-device statistics
-  (layers with ``axis_name=None``, whose moving statistics the step then averages over the
-  devices so that the state stays replicated).
+  statistics of groups of devices smaller than the mesh (split the batch over two mesh axes,
+  ``axis_name=("group", "bn")``, and build the layers with ``axis_name="bn"``;
+  ``axis_index_groups`` is ``pmap``'s way, which ``jax.shard_map`` cannot reduce over) or
+  per-device statistics (layers with ``axis_name=None``); the step averages such moving
+  statistics over the devices, so that the state stays replicated.
 
 Both give the statistics of the global batch, exactly, masked or not. Under ``jax.jit`` the
 shift of bnjax's shifted sums (one value of the batch) lives on one device, and XLA broadcasts

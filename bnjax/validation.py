@@ -172,7 +172,9 @@ def validate_mesh_data_parallel(
     evenly over the data axis; that under ``jax.jit`` (``shard_map=False``) no layer of the
     model names an axis (XLA makes the statistics global by itself, and plain ``jax.jit``
     binds no axis names); and that under ``jax.shard_map`` every synchronized layer names the
-    data axis (or none) with ``axis_index_groups`` that partition it evenly.
+    data axis, one of its axes (the groups of a smaller batch norm) or none, without
+    ``axis_index_groups`` (``jax.shard_map`` has no grouped reductions: a mesh axis per group
+    size does that).
 
     Args:
       state: the ``TrainState`` (replicated, or on the host: only shapes are read).
@@ -227,4 +229,10 @@ def validate_mesh_data_parallel(
                 "that name (or None for per-device statistics)."
             )
         if groups is not None:
-            _check_groups(groups, n, where=f"layer {path!r}")
+            raise ValueError(
+                f"layer {path!r} has axis_index_groups={groups!r}, which jax.shard_map cannot "
+                "reduce over (its psum has no axis_index_groups); give the groups a mesh axis "
+                "of their own instead, e.g. jax.make_mesh((4, 2), ('group', 'bn')) with the "
+                "batch split over axis_name=('group', 'bn') and the layers built with "
+                "axis_name='bn'."
+            )
