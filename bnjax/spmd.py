@@ -21,10 +21,22 @@ be synchronized across the devices in two ways:
   per-device statistics (layers with ``axis_name=None``); the step averages such moving
   statistics over the devices, so that the state stays replicated.
 
-Both give the statistics of the global batch, exactly, masked or not. Under ``jax.jit`` the
-shift of bnjax's shifted sums (one value of the batch) lives on one device, and XLA broadcasts
-it with an extra all-reduce per layer: the ``jax.shard_map`` step moves fewer, larger
-messages (see ``docs/benchmarks.md`` for the figures on 8 CPU devices).
+Both give the statistics of the global batch, exactly, masked or not, and the same losses as
+one device with the same global batch. They differ in the collectives (counted in the compiled
+train step, ``tests/test_mesh.py``): under ``jax.shard_map`` each synchronized layer adds one
+all-gather forward and one all-reduce backward, exactly the collectives of the ``pmap`` step;
+under ``jax.jit`` XLA writes three all-reduces per layer (the shift of bnjax's shifted sums,
+one value of the batch, is broadcast from the device holding it; the forward sums; the backward
+sums, merged with the gradients' all-reduce) and no all-gather.
+
+Which to use when:
+
+- ``jax.jit`` (default): a model written for one device, data parallelism combined with other
+  shardings of the same mesh, or when XLA should own the communication.
+- ``jax.shard_map``: the fewest collectives per layer (latency-bound small messages, many
+  devices), statistics over groups of devices (an inner mesh axis) or per device, or a
+  ``pmap`` program moved to a mesh unchanged. Figures on 8 CPU devices:
+  ``docs/benchmarks.md`` (``python -m benchmarks parallel``).
 
 The steps work on meshes of either axis type: inside a ``jax.jit`` step every axis is
 automatic (``jax.sharding.auto_axes``), so a mesh from ``jax.make_mesh`` (explicit axes by

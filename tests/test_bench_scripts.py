@@ -1,4 +1,5 @@
-"""`python -m benchmarks fold|sync|parallel --quick` run and write well-formed JSON where they should.
+"""`python -m benchmarks fold|sync|parallel --quick` run and write well-formed JSON where they
+should.
 
 Times are never asserted: only that the benchmarks work and report what the docs quote.
 """
