@@ -203,8 +203,8 @@ def _train_step_body(
     return new_state, metrics
 
 
-def _eval_step_body(state: TrainState, batch: Batch, axis_name: str | tuple[str, ...] | None,
-                    ) -> Metrics:
+def _eval_step_body(state: TrainState, batch: Batch,
+                    axis_name: str | tuple[str, ...] | None) -> Metrics:
     x, y = batch["x"], batch["y"]
     _check_labels(y)
     valid = _example_mask(batch, y.shape[0])

@@ -3,9 +3,9 @@
 :func:`train_and_evaluate` (what ``train.py`` runs) uses every device: data parallel with
 synchronized batch norm when there is more than one, on a device mesh or under ``pmap`` as
 ``config.parallel`` says (:mod:`bnjax_train.parallelism`), each process of a multi-host job
-reading its own shard of the data. It evaluates with the
-moving statistics after each epoch, checkpoints (:mod:`bnjax_train.checkpointing`) and resumes
-exactly where an interrupted run stopped.
+reading its own shard of the data. It evaluates with the moving statistics after each epoch,
+checkpoints (:mod:`bnjax_train.checkpointing`) and resumes exactly where an interrupted run
+stopped.
 """
 
 from __future__ import annotations
