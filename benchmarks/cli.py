@@ -7,11 +7,13 @@ to ``--out``; the default is under ``bench_results/``, outside the tracked files
   (``--parts op,model``); ``op`` and ``model`` run one part;
 - ``fold``: ResNet-20 eval with and without the batch norms folded;
 - ``sync``: a data-parallel train step with synchronized vs per-device statistics;
+- ``parallel``: the train step on a device mesh (``jax.jit``, ``jax.shard_map``) and under
+  ``pmap``, with synchronized and per-device statistics;
 - ``inference_eval``: PreciseBN, MC batch norm and folding on a trained model;
 - ``report``: the tables of results JSON files, or ``--update`` the marked regions of pages.
 
 Only the chosen benchmark's module is imported, after the arguments are parsed, so that
-``sync`` can give JAX its 8 CPU devices before JAX starts.
+``sync`` and ``parallel`` can give JAX its 8 CPU devices before JAX starts.
 """
 
 from __future__ import annotations
@@ -80,9 +82,10 @@ def _sync(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str
         _positive_reps(parser, args.steps, 20, "--steps")
     from benchmarks import sync
 
-    meta = common.run_metadata("sync", args.argv, quick=args.quick)
-    r = sync.run(per_device=args.per_device, length=args.length, steps=args.steps,
-                 warmup=args.warmup, seed=args.seed)
+    meta = common.run_metadata(args.command, args.argv, quick=args.quick)
+    run = sync.run if args.command == "sync" else sync.run_parallel
+    r = run(per_device=args.per_device, length=args.length, steps=args.steps,
+            warmup=args.warmup, seed=args.seed)
     return {"meta": meta, **r, "quick": args.quick}
 
 
@@ -141,14 +144,18 @@ def _add_others(sub: Any) -> None:
                    help="also time op-by-op execution (no jit) of both variants")
     p.add_argument("--quick", action="store_true", help="tiny smoke test; figures meaningless")
     p.add_argument("--out", metavar="FILE", help="JSON file (default bench_results/fold.json)")
-    s = sub.add_parser("sync", help="train step, synchronized vs local BN on 8 CPU devices")
-    s.add_argument("--per-device", type=int, default=16, help="examples per device")
-    s.add_argument("--length", type=int, default=40, help="MNIST-1D sequence length")
-    s.add_argument("--steps", type=int, default=30, help="timed steps per variant (>= 20)")
-    s.add_argument("--warmup", type=int, default=3)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quick", action="store_true", help="smoke test: 3 steps, meaningless")
-    s.add_argument("--out", metavar="FILE", help="JSON file (default bench_results/sync.json)")
+    for name, what in (("sync", "train step, synchronized vs local BN on 8 CPU devices"),
+                       ("parallel", "train step on a mesh (jit, shard_map) and under pmap, "
+                                    "synchronized and local BN, on 8 CPU devices")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("--per-device", type=int, default=16, help="examples per device")
+        s.add_argument("--length", type=int, default=40, help="MNIST-1D sequence length")
+        s.add_argument("--steps", type=int, default=30, help="timed steps per variant (>= 20)")
+        s.add_argument("--warmup", type=int, default=3)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--quick", action="store_true", help="smoke test: 3 steps, meaningless")
+        s.add_argument("--out", metavar="FILE",
+                       help=f"JSON file (default bench_results/{name}.json)")
     e = sub.add_parser("inference_eval", help="PreciseBN, MCBN and folding on a trained model")
     e.add_argument("--config", default="configs/default.py")
     e.add_argument("--workdir", default=None,
@@ -195,7 +202,8 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 _RUNNERS = {"step": _step, "op": _step, "model": _step, "fold": _fold, "sync": _sync,
-            "inference_eval": _inference_eval, "train": _train, "gpu_check": _gpu_check}
+            "parallel": _sync, "inference_eval": _inference_eval, "train": _train,
+            "gpu_check": _gpu_check}
 
 
 def _default_out(args: argparse.Namespace) -> str:
@@ -232,10 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv
     if args.command == "report":
         return _report(args, parser)
-    if args.command == "sync":  # before JAX starts: 8 CPU devices
+    if args.command in ("sync", "parallel"):  # before JAX starts: 8 CPU devices
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_force_host_platform_device_count=8").strip()
-    if args.command in ("fold", "sync"):
+    if args.command in ("fold", "sync", "parallel"):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     t0 = time.perf_counter()
     result = _RUNNERS[args.command](args, parser)

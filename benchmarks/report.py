@@ -38,7 +38,7 @@ _VERSIONS = ("jax", "jaxlib", "flax", "optax", "numpy", "bnjax")
 
 
 def kind_of(data: Data) -> str:
-    """Which benchmark wrote a results JSON: ``step``, ``fold``, ``sync`` or ``inference_eval``.
+    """Which benchmark wrote a results JSON: ``step``, ``fold``, ``sync``, ``parallel``, ...
 
     Files written before ``meta.benchmark`` existed are recognized by their fields.
 
@@ -142,6 +142,15 @@ def _sync(r: Data) -> str:
             + f"\n\nRatio sync / local (medians): {r['ratio_sync_over_local']:.3f}.")
 
 
+def _parallel(r: Data) -> str:
+    rows = [[k, s["median_ms"], s["p25_ms"], s["p75_ms"], s["min_ms"],
+             r["ratio_to_pmap_sync"][k]] for k, s in r["results"].items()]
+    return (f"cnn1d train step, {r['devices']} CPU devices x {r['per_device_batch']} examples, "
+            f"{r['steps']} steps each, interleaved:\n\n"
+            + markdown_table(["variant", "median ms", "p25 ms", "p75 ms", "min ms",
+                              "/ pmap, sync BN"], rows))
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.2f}%"
 
@@ -211,6 +220,7 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "step": {"op": _op, "memory": _memory, "model": _model},
     "fold": {"fold": _fold},
     "sync": {"sync": _sync},
+    "parallel": {"parallel": _parallel},
     "inference_eval": {"accuracy": _accuracy, "auroc": _auroc},
     "train": {"summary": _train_summary},
     "gpu_check": {"checks": _gpu_checks, "op": _op, "memory": _memory, "model": _model},

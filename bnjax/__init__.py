@@ -32,7 +32,10 @@ from bnjax.inference import (
 )
 from bnjax.linen import BatchNorm, make_constrain_fn
 from bnjax.parallel import (
+    fetch_replicated,
     initialize_distributed,
+    put_batch,
+    put_replicated,
     replicate,
     shard_batch,
     unreplicate,
@@ -52,6 +55,7 @@ __all__ = [
     "batch_norm",
     "canonicalize_axes",
     "export_folded_model",
+    "fetch_replicated",
     "fold_batch_norm",
     "init_renorm_stats",
     "initialize_distributed",
@@ -62,6 +66,8 @@ __all__ = [
     "moments",
     "normalize",
     "precise_batch_stats",
+    "put_batch",
+    "put_replicated",
     "renorm_schedule",
     "replicate",
     "resolve_training",

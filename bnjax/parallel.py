@@ -1,10 +1,19 @@
 """Placement for data parallelism: replicate a state, split a batch, join a multi-host job.
 
-The data-parallel steps of :mod:`bnjax.steps` run under ``jax.pmap`` with the axis name
-``"batch"``: every device holds a replica of the state (:func:`replicate`) and a shard of the
-batch (:func:`shard_batch`). With several processes (hosts), call :func:`initialize_distributed`
-first: the same ``pmap`` then spans the devices of every process, and each process feeds its own
-shard of the data.
+Two layouts, one per kind of data-parallel step of :mod:`bnjax.steps`:
+
+- ``jax.pmap`` steps (``data_parallel=True``): every leaf of the state gets a leading device
+  axis, one copy per local device (:func:`replicate`, undone by :func:`unreplicate`), and a
+  batch is split as ``(num_local_devices, per_device, ...)`` (:func:`shard_batch`).
+- mesh steps (``mesh=...``): the state is one global array per leaf, replicated on every
+  device of the mesh (:func:`put_replicated`), and a batch is one global array per key,
+  split over the mesh's data axis (:func:`put_batch`: each process passes its own rows);
+  :func:`fetch_replicated` copies replicated outputs (state, metrics) to the host.
+
+With several processes (hosts), call :func:`initialize_distributed` first: ``pmap`` and the
+mesh then span the devices of every process, and each process feeds its own shard of the data.
+Everything here places data with ``jax.device_put`` and shardings
+(``jax.device_put_replicated`` and ``jax.device_put_sharded`` are deprecated).
 """
 
 from __future__ import annotations
@@ -12,16 +21,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from bnjax.stats import axis_names
+from bnjax.spmd import automatic_mesh, axis_size, data_axes
+from bnjax.validation import validate_data_parallel
 
 __all__ = [
+    "fetch_replicated",
     "host_first_replica",
     "initialize_distributed",
+    "put_batch",
+    "put_replicated",
     "replicate",
     "shard_batch",
     "unreplicate",
@@ -134,138 +147,118 @@ def shard_batch(batch: Mapping[str, Any], num_devices: int | None = None) -> dic
 
 
 # --------------------------------------------------------------------------------------------
-# Validation of data-parallel input (before any step runs).
+# Mesh layout: global arrays.
 
 
-def _model_sync_layers(state: Any, x: Any) -> list[tuple[str, Any, Any]]:
-    """``(path, axis_name, axis_index_groups)`` of every module with an ``axis_name`` attribute.
+def put_replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Every leaf as a global array replicated on every device of ``mesh`` (all processes).
 
-    Found by tracing the model abstractly (``jax.eval_shape``) with a method interceptor, so
-    layers created inside ``@nn.compact`` methods are seen as well.
-    """
-    found: list[tuple[str, Any, Any]] = []
-
-    def interceptor(next_fun, args, kwargs, context):  # noqa: ANN001, ANN202
-        module = context.module
-        if context.method_name == "__call__" and hasattr(module, "axis_name"):
-            entry = ("/".join(module.path) or type(module).__name__, module.axis_name,
-                     getattr(module, "axis_index_groups", None))
-            if entry not in found:
-                found.append(entry)
-        return next_fun(*args, **kwargs)
-
-    def run(params: Any, batch_stats: Any, xs: Any) -> Any:
-        with nn.intercept_methods(interceptor):
-            # Inference mode: no collective is traced, so unbound axis names do not fail here.
-            return state.apply_fn({"params": params, "batch_stats": batch_stats}, xs,
-                                  training=False)
-
-    try:
-        jax.eval_shape(run, state.params, state.batch_stats, x)
-    except Exception:  # noqa: BLE001
-        # Only a pre-check: a model that cannot be traced this way reports its own error
-        # when the step itself is traced.
-        pass
-    return found
-
-
-def validate_data_parallel(
-    state: Any,
-    batch: Mapping[str, Any],
-    *,
-    axis_name: str = "batch",
-    num_devices: int | None = None,
-) -> None:
-    """Checks a data-parallel step's input before it runs; raises a clear ``ValueError``.
-
-    Checks that ``batch`` holds ``x`` and ``y`` split as ``(num_devices, per_device, ...)``,
-    that every synchronized layer of the model (any module with an ``axis_name`` attribute,
-    such as ``bnjax.BatchNorm``) names ``axis_name`` (or no axis), and that its
-    ``axis_index_groups`` partition the devices into groups of equal size.
+    With several processes, every process passes the same values (e.g. the same initial state
+    from the same seed). Leaves already placed that way are returned as they are. The arrays are
+    placed on ``mesh`` with automatic axes, as the mesh steps return them.
 
     Args:
-      state: an *unreplicated* ``TrainState`` (leaves without the device axis).
-      batch: the batch as passed to the data-parallel step.
-      axis_name: the axis name of the step (``"batch"`` by default).
-      num_devices: size of the device axis; defaults to ``jax.device_count()`` (all
-        processes' devices).
+      tree: a pytree of arrays (e.g. a ``TrainState`` on the host).
+      mesh: the device mesh of the step.
 
-    Raises:
-      ValueError: with the offending argument, its value and what is accepted.
+    Returns:
+      The tree of replicated global arrays (same shapes as the leaves).
 
     Example:
-      >>> import jax, jax.numpy as jnp, optax, bnjax
-      >>> from bnjax.steps import TrainState
-      >>> model = bnjax.BatchNorm(axis_name="batch")
-      >>> v = model.init(jax.random.key(0), jnp.ones((2, 3)), training=False)
-      >>> s = TrainState.create(apply_fn=model.apply, params=v["params"],
-      ...                       batch_stats=v["batch_stats"], tx=optax.sgd(0.1))
-      >>> n = jax.local_device_count()
-      >>> validate_data_parallel(s, {"x": jnp.ones((n, 2, 3)), "y": jnp.zeros((n, 2), int)})
+      >>> import jax, jax.numpy as jnp
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      >>> w = put_replicated({"w": jnp.ones(3)}, mesh)["w"]
+      >>> w.shape, w.is_fully_replicated, len(w.sharding.device_set) == jax.device_count()
+      ((3,), True, True)
     """
-    n_global = jax.device_count() if num_devices is None else int(num_devices)
-    n_local = n_global // jax.process_count() if num_devices is None else int(num_devices)
-    if not isinstance(batch, Mapping) or "x" not in batch or "y" not in batch:
-        raise ValueError(
-            f"batch has keys {sorted(batch) if isinstance(batch, Mapping) else type(batch)}; "
-            "it must be a mapping with 'x' (inputs), 'y' (integer labels) and optionally "
-            "'mask' (bool per example)."
-        )
-    per_device = None
-    for key, value in batch.items():
-        shape = tuple(np.shape(value))
-        if len(shape) < 2 or shape[0] != n_local:
-            hint = ""
-            if len(shape) >= 1 and shape[0] % n_local == 0 and shape[0] != n_local:
-                hint = " (a global batch? split it with bnjax.parallel.shard_batch)"
-            elif len(shape) >= 1 and shape[0] % n_local:
-                hint = (f" (a batch of {shape[0]} is not divisible by the {n_local} local "
-                        "devices)")
-            raise ValueError(
-                f"batch[{key!r}] has shape {shape}; a data-parallel step needs "
-                f"(num_local_devices={n_local}, per_device_batch, ...){hint}."
-            )
-        if per_device is None:
-            per_device = shape[1]
-        elif shape[1] != per_device:
-            raise ValueError(
-                f"batch[{key!r}] has shape {shape} but batch['x'] has per-device batch "
-                f"{per_device}; every array must share the first two dimensions."
-            )
-    x0 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)),
-                      batch["x"])
-    allowed = set(axis_names(axis_name))
-    for path, name, groups in _model_sync_layers(state, x0):
-        if name is None:
-            continue
-        bad = [a for a in axis_names(name) if a not in allowed]
-        if bad:
-            raise ValueError(
-                f"layer {path!r} has axis_name={name!r} but the data-parallel step maps the "
-                f"devices over axis_name={axis_name!r}; build the layer with "
-                f"axis_name={axis_name!r} (or None for per-device statistics)."
-            )
-        if groups is not None:
-            _check_groups(groups, n_global, where=f"layer {path!r}")
+    sharding = NamedSharding(automatic_mesh(mesh), P())
+
+    def put(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array):
+            if leaf.sharding == sharding:
+                return leaf
+            if not leaf.is_fully_addressable:
+                if not leaf.is_fully_replicated:
+                    return jax.device_put(leaf, sharding)
+                leaf = leaf.addressable_data(0)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
-def _check_groups(groups: Any, axis_size: int, *, where: str) -> None:
-    try:
-        flat = [[int(i) for i in g] for g in groups]
-    except TypeError:
-        flat = None
-    ok = (
-        flat is not None
-        and flat
-        and sorted(i for g in flat for i in g) == list(range(axis_size))
-        and len({len(g) for g in flat}) == 1
-    )
-    if not ok:
+def put_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh,
+              axis_name: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """This process's rows of a batch as global arrays split over the mesh's data axis.
+
+    Single process: ``batch`` is the whole batch. Several processes: each passes its own rows
+    (the same number on every process) and the global batch is their concatenation in process
+    order (``jax.make_array_from_process_local_data``).
+
+    Args:
+      batch: a mapping of arrays sharing the leading batch dimension (this process's rows).
+      mesh: the device mesh of the step.
+      axis_name: the data axis (or axes); None for the mesh's only axis.
+
+    Returns:
+      The mapping with global arrays of the global batch size.
+
+    Raises:
+      ValueError: the arrays disagree on the batch size, or it does not split evenly over this
+        process's devices along the data axis.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      >>> x = put_batch({"x": np.zeros((2 * jax.device_count(), 3))}, mesh)["x"]
+      >>> x.addressable_shards[0].data.shape
+      (2, 3)
+    """
+    axes = data_axes(mesh, axis_name)
+    sharding = NamedSharding(automatic_mesh(mesh), P(axes if len(axes) > 1 else axes[0]))
+    shards = max(1, axis_size(mesh, axes) * len(mesh.local_devices) // mesh.devices.size)
+    sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values() or \
+            next(iter(sizes.values())) % shards:
         raise ValueError(
-            f"{where}: axis_index_groups={groups!r} does not partition the {axis_size} devices "
-            f"into groups of equal size; every index 0..{axis_size - 1} must appear in exactly "
-            "one group, e.g. [[0, 1], [2, 3], ...]."
+            f"batch arrays have leading sizes {sizes}; every array must share one batch size, "
+            f"a multiple of the {shards} shards this process holds along axis {axes} (pad the "
+            "batch and mask the padding with batch['mask'])."
         )
+
+    def put(v: Any) -> Any:
+        if isinstance(v, jax.Array) and not v.is_fully_addressable:
+            return v if v.sharding == sharding else jax.device_put(v, sharding)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(v))
+
+    return {k: put(v) for k, v in batch.items()}
+
+
+def fetch_replicated(tree: Any) -> Any:
+    """A host (NumPy) copy of every leaf of a replicated output (a mesh step's state, metrics).
+
+    Reads this process's first shard, which holds the whole value, without running a
+    computation or talking to the other processes.
+
+    Raises:
+      ValueError: a leaf is a global array that is not replicated.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      >>> fetch_replicated(put_replicated({"w": jnp.arange(2.0)}, mesh))["w"].tolist()
+      [0.0, 1.0]
+    """
+    def one(a: Any) -> Any:
+        if isinstance(a, jax.Array):
+            if not a.is_fully_replicated:
+                raise ValueError(
+                    f"a leaf of shape {a.shape} has sharding {a.sharding}, not replicated; "
+                    "fetch_replicated reads replicated outputs (use jax.device_get for others).")
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(a)
+
+    return jax.tree.map(one, tree)
 
 
 def initialize_distributed(
@@ -281,8 +274,9 @@ def initialize_distributed(
 
     After it returns, ``jax.devices()`` lists every process's devices and the data-parallel
     steps of :mod:`bnjax.steps` span all of them: each process passes its own shard of the data
-    (arrays shaped ``(jax.local_device_count(), per_device_batch, ...)``) and batch-norm
-    statistics, gradients and metrics are global.
+    (pmap: arrays shaped ``(jax.local_device_count(), per_device_batch, ...)``; mesh: its rows,
+    through :func:`put_batch`, on a mesh of ``jax.devices()``) and batch-norm statistics,
+    gradients and metrics are global.
 
     Args:
       coordinator_address: ``"host:port"`` of process 0, reachable from every process.

@@ -1,12 +1,23 @@
-"""Training state and jit-compiled train / eval steps, single-device or data-parallel.
+"""Training state and jit-compiled train / eval steps: one device, a device mesh, or pmap.
 
-The data-parallel steps run under ``jax.pmap`` over the local devices with the axis name
-``"batch"``: every device holds a replica of the state and a shard of the batch (placed with
-:mod:`bnjax.parallel`), gradients are averaged with ``pmean`` and batch-norm layers built with
-``axis_name="batch"`` see the statistics of the global batch, so their moving statistics stay
-identical on every device. With several processes (hosts), call
-:func:`bnjax.parallel.initialize_distributed` first: the same ``pmap`` then spans the devices of
-every process, and each process feeds its own shard of the data.
+Three ways to run a step, with the same loss, metrics, skip logic and penalties:
+
+- one device (the default): ``jax.jit`` of the step on the batch as given.
+- a device mesh (``mesh=``): the state replicated on every device of a ``jax.sharding.Mesh``
+  (:func:`bnjax.parallel.put_replicated`), the batch split over its data axis
+  (:func:`bnjax.parallel.put_batch`). Batch norm is synchronized either by plain ``jax.jit``
+  (layers with ``axis_name=None``; XLA inserts the cross-device reductions) or under
+  ``jax.shard_map`` (``shard_map=True``; layers with ``axis_name`` set to the data axis, one
+  bnjax collective per layer). :mod:`bnjax.spmd` says which to use when.
+- ``jax.pmap`` (``data_parallel=True``) over the local devices with the axis name ``"batch"``:
+  every device holds a replica of the state and a shard of the batch (placed with
+  :mod:`bnjax.parallel`), gradients are averaged with ``pmean`` and batch-norm layers built
+  with ``axis_name="batch"`` see the statistics of the global batch, so their moving
+  statistics stay identical on every device.
+
+With several processes (hosts), call :func:`bnjax.parallel.initialize_distributed` first: the
+same mesh (of ``jax.devices()``) or ``pmap`` then spans the devices of every process, and each
+process feeds its own shard of the data.
 """
 
 from __future__ import annotations
@@ -19,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
-from bnjax.parallel import validate_data_parallel
+from bnjax import spmd
+from bnjax.validation import validate_data_parallel, validate_mesh_data_parallel
 
 __all__ = [
     "TrainState",
@@ -132,8 +145,9 @@ def _check_labels(y: Any) -> None:
 def _train_step_body(
     state: TrainState,
     batch: Batch,
-    axis_name: str | None,
+    axis_name: str | tuple[str, ...] | None,
     constrain_fn: Callable[[Any], Any] | None,
+    manual: bool = False,
 ) -> tuple[TrainState, Metrics]:
     x, y = batch["x"], batch["y"]
     _check_labels(y)
@@ -160,7 +174,10 @@ def _train_step_body(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (new_stats, ce_local, penalty, correct)), grads = grad_fn(state.params)
-    if axis_name is not None:
+    if manual:  # jax.shard_map: the state must come out the same on every device
+        grads = spmd.mean_of_summed(grads, axis_name, num_replicas)
+        new_stats, penalty = spmd.replicate_varying((new_stats, penalty), axis_name)
+    elif axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
     loss = _global_sum(ce_local, axis_name) / safe_count + penalty
     accuracy = _global_sum(correct.astype(jnp.float32), axis_name) / safe_count
@@ -186,7 +203,8 @@ def _train_step_body(
     return new_state, metrics
 
 
-def _eval_step_body(state: TrainState, batch: Batch, axis_name: str | None) -> Metrics:
+def _eval_step_body(state: TrainState, batch: Batch,
+                    axis_name: str | tuple[str, ...] | None) -> Metrics:
     x, y = batch["x"], batch["y"]
     _check_labels(y)
     valid = _example_mask(batch, y.shape[0])
@@ -208,32 +226,61 @@ def _check_axis_name(axis_name: Any) -> None:
         )
 
 
-class _ValidatedPmap:
-    """A pmapped step that validates each new input signature before running it."""
+class _Validated:
+    """A compiled step that checks each new input signature before running it."""
 
-    def __init__(self, fn: Callable[..., Any], axis_name: str) -> None:
+    def __init__(self, fn: Callable[..., Any], check: Callable[[Any, Batch], None]) -> None:
         self._fn = fn
-        self._axis_name = axis_name
+        self._check = check
         self._seen: set[Any] = set()
 
     def __call__(self, state: TrainState, batch: Batch) -> Any:
         key = tuple(sorted((k, tuple(np.shape(v))) for k, v in batch.items()))
         if key not in self._seen:
-            shapes = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], jnp.result_type(a)), state)
-            validate_data_parallel(shapes, batch, axis_name=self._axis_name)
+            self._check(state, batch)
             self._seen.add(key)
         return self._fn(state, batch)
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
-        """Lowers the underlying pmapped step (to inspect the compiled HLO)."""
+        """Lowers the underlying compiled step (to inspect the compiled HLO)."""
         return self._fn.lower(*args, **kwargs)
+
+
+def _shapes(state: Any, *, per_device: bool = False) -> Any:
+    """The state's leaves as shapes (without the leading device axis of a pmap replica)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1 if per_device else 0:],
+                                                       jnp.result_type(a)), state)
+
+
+def _build(body: spmd.Body, *, data_parallel: bool, mesh: Mesh | None,
+           axis_name: str | tuple[str, ...] | None, shard_map: bool) -> Callable[..., Any]:
+    """The step ``body`` compiled for one device, a mesh or pmap, its input checked."""
+    if data_parallel and mesh is not None:
+        raise ValueError(
+            f"data_parallel=True (jax.pmap) and mesh={mesh!r} are two ways to use several "
+            "devices; pass one of them.")
+    if shard_map and mesh is None:
+        raise ValueError("shard_map=True runs the step under jax.shard_map over a mesh's data "
+                         "axis; pass mesh=jax.make_mesh(...) as well.")
+    if mesh is not None:
+        fn = spmd.mesh_step(body, mesh, axis_name, shard_map=shard_map)
+        return _Validated(fn, lambda s, b: validate_mesh_data_parallel(
+            _shapes(s), b, mesh, axis_name=axis_name, shard_map=shard_map))
+    if not data_parallel:
+        return jax.jit(lambda s, b: body(s, b, None))
+    name = "batch" if axis_name is None else axis_name
+    _check_axis_name(name)
+    fn = jax.pmap(lambda s, b: body(s, b, name), axis_name=name)
+    return _Validated(fn, lambda s, b: validate_data_parallel(
+        _shapes(s, per_device=True), b, axis_name=name))
 
 
 def make_train_step(
     *,
     data_parallel: bool = False,
-    axis_name: str = "batch",
+    mesh: Mesh | None = None,
+    shard_map: bool = False,
+    axis_name: str | tuple[str, ...] | None = None,
     constrain_fn: Callable[[Any], Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds a compiled train step ``(state, batch) -> (state, metrics)``.
@@ -252,12 +299,24 @@ def make_train_step(
         Gradients are averaged with ``pmean``; the input is checked with
         :func:`bnjax.parallel.validate_data_parallel` before the first step of each new batch
         shape.
-      axis_name: name of the device axis (the one BatchNorm layers synchronize over).
+      mesh: run on this ``jax.sharding.Mesh``: the state replicated on every device
+        (:func:`bnjax.parallel.put_replicated`), the batch a global array split over the
+        data axis (:func:`bnjax.parallel.put_batch`); the input is checked with
+        :func:`bnjax.validation.validate_mesh_data_parallel` before the first step of each
+        new batch shape. Batch-norm layers are built with ``axis_name=None`` (XLA makes
+        their statistics global), or with the data axis name when ``shard_map``.
+      shard_map: with ``mesh``, run the step body under ``jax.shard_map`` over the data axis
+        (each device its shard, bnjax's own collective per batch-norm layer) instead of
+        plain ``jax.jit``; :mod:`bnjax.spmd` says which to use when.
+      axis_name: pmap: name of the device axis (the one BatchNorm layers synchronize over;
+        default ``"batch"``). Mesh: the data axis (or a tuple of axes) the batch is split
+        over; default the mesh's only axis.
       constrain_fn: optional function applied to the params after each optimizer update
         (Keras-style constraints).
 
     Returns:
-      The step function; metrics are ``{"loss", "accuracy", "skipped"}`` over the global batch.
+      The step function; metrics are ``{"loss", "accuracy", "skipped"}`` over the global batch
+      (replicated on a mesh, one copy per device under pmap).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -269,29 +328,45 @@ def make_train_step(
       >>> state, m = step(state, {"x": jnp.ones((2, 4)), "y": jnp.array([0, 1])})
       >>> int(state.step), float(m["skipped"])
       (1, 0.0)
+
+      On a mesh of every device (each device gets 2 of the examples):
+
+      >>> from bnjax.parallel import put_batch, put_replicated
+      >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+      >>> n = 2 * jax.device_count()
+      >>> batch = put_batch({"x": jnp.ones((n, 4)), "y": jnp.arange(n) % 3}, mesh)
+      >>> state, m = make_train_step(mesh=mesh)(put_replicated(state, mesh), batch)
+      >>> int(state.step), m["loss"].is_fully_replicated
+      (2, True)
     """
     if constrain_fn is not None and not callable(constrain_fn):
         raise TypeError(f"constrain_fn={constrain_fn!r} must be callable (params -> params).")
-    if not data_parallel:
-        return jax.jit(lambda s, b: _train_step_body(s, b, None, constrain_fn))
-    _check_axis_name(axis_name)
-    fn = jax.pmap(lambda s, b: _train_step_body(s, b, axis_name, constrain_fn),
-                  axis_name=axis_name)
-    return _ValidatedPmap(fn, axis_name)
+    manual = shard_map and mesh is not None
+    return _build(lambda s, b, name: _train_step_body(s, b, name, constrain_fn, manual),
+                  data_parallel=data_parallel, mesh=mesh, axis_name=axis_name,
+                  shard_map=shard_map)
 
 
 def make_eval_step(
-    *, data_parallel: bool = False, axis_name: str = "batch"
+    *,
+    data_parallel: bool = False,
+    mesh: Mesh | None = None,
+    shard_map: bool = False,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> Callable[[TrainState, Batch], Metrics]:
     """Builds a compiled eval step ``(state, batch) -> {"loss_sum", "correct", "count"}``.
 
     The model runs with ``training=False`` (moving statistics); ``batch_stats`` never change.
     The sums run over the valid examples (``batch["mask"]``) of the global batch; with
-    ``data_parallel`` every device returns the same global sums.
+    ``data_parallel`` every device returns the same global sums, on a mesh they are replicated.
 
     Args:
       data_parallel: run under ``jax.pmap`` over the devices with ``axis_name``.
-      axis_name: name of the device axis.
+      mesh: run on this mesh, the batch split over its data axis (as in
+        :func:`make_train_step`).
+      shard_map: with ``mesh``, run under ``jax.shard_map`` instead of plain ``jax.jit``.
+      axis_name: pmap: name of the device axis (default ``"batch"``); mesh: the data axis
+        (default the mesh's only axis).
 
     Returns:
       The eval step function.
@@ -307,8 +382,5 @@ def make_eval_step(
       >>> float(m["count"])
       1.0
     """
-    if not data_parallel:
-        return jax.jit(lambda s, b: _eval_step_body(s, b, None))
-    _check_axis_name(axis_name)
-    fn = jax.pmap(lambda s, b: _eval_step_body(s, b, axis_name), axis_name=axis_name)
-    return _ValidatedPmap(fn, axis_name)
+    return _build(_eval_step_body, data_parallel=data_parallel, mesh=mesh,
+                  axis_name=axis_name, shard_map=shard_map)

@@ -14,6 +14,8 @@ it. Modules, from the entry point down:
   is skipped); :mod:`bnjax_train.resume`: where a run starts (fresh, resumed, finished) and
   which config changes a resume accepts; :mod:`bnjax_train.run_files`: ``config.json`` and
   ``metrics.jsonl`` (strict JSON);
+- :mod:`bnjax_train.parallelism`: ``config.parallel`` (a device mesh under ``jax.jit`` or
+  ``jax.shard_map``, or ``pmap``) and where the steps' arrays go;
 - :mod:`bnjax_train.config_lib`: the config schema and its validation, ``load_config``;
   :mod:`bnjax_train.model_options`: each model's ``model_kwargs``;
   :mod:`bnjax_train.overrides`: ``--config.FIELD=VALUE`` on the command line;

@@ -60,7 +60,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 #: Fields that say how this process runs, not what the run computes: they may differ between a
 #: run and its resumption and the change is not recorded.
-INVOCATION_FIELDS = ("stop_after_steps", "progress_bar", "data_dir")
+INVOCATION_FIELDS = ("stop_after_steps", "progress_bar", "data_dir", "parallel")
 #: Fields that may change when a run resumes (they leave every array's shape as it is: the
 #: learning rate and its schedule, the number of epochs, evaluation and checkpoint cadence,
 #: the skip limit, the inference tools at the end); the change is logged in ``metrics.jsonl``.
@@ -69,7 +69,7 @@ RESUME_CHANGEABLE_FIELDS = ("learning_rate", "schedule", "warmup_epochs", "num_e
                             "max_consecutive_skips", "precise_bn_batches", "export_folded")
 #: Every field that may differ between a run and its resumption.
 RESUME_FREE_FIELDS = INVOCATION_FIELDS + RESUME_CHANGEABLE_FIELDS
-_OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded")
+_OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded", "parallel")
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) \
@@ -116,6 +116,7 @@ def _config_fields() -> dict[str, Check]:
         "weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
         "momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
         "max_consecutive_skips": _int_at_least(1),
+        "parallel": _one_of(("mesh", "shard_map", "pmap")),
         "checkpoint_every_steps": _int_at_least(0),
         "keep_checkpoints": _int_at_least(1),
         "progress_bar": (_is_bool, "True or False"),

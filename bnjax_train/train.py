@@ -1,8 +1,8 @@
 """The training loop: ``create_train_state``, ``train_epoch``, ``evaluate``, ``train_and_evaluate``.
 
-:func:`train_and_evaluate` (what ``train.py`` runs) uses every device: data parallel under
-``pmap`` with synchronized batch norm when there is more than one (``bnjax.make_train_step``),
-each process of a multi-host job reading its own shard of the data. It evaluates with the
+:func:`train_and_evaluate` (what ``train.py`` runs) uses every device: data parallel with
+synchronized batch norm when there is more than one, on a device mesh or under ``pmap`` as
+``config.parallel`` says (:mod:`bnjax_train.parallelism`), each process of a multi-host job reading its own shard of the data. It evaluates with the
 moving statistics after each epoch, checkpoints (:mod:`bnjax_train.checkpointing`) and resumes
 exactly where an interrupted run stopped.
 
@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
-from bnjax.parallel import host_first_replica
-from bnjax_train import checkpointing, input_pipeline, reporting, resume
+from bnjax_train import checkpointing, input_pipeline, parallelism, reporting, resume
 from bnjax_train import models as models_lib
 from bnjax_train.config_lib import check_model_builds, config_dict, resolved_norm, validate_config
 from bnjax_train.epochs import end_epoch, evaluate, train_epoch
@@ -90,7 +89,7 @@ class Run:
     eval_step: Callable[..., Any]
     checkpoints: checkpointing.Checkpoints
     rng_data: np.ndarray
-    data_parallel: bool = False
+    placement: parallelism.Placement = parallelism.Placement()
     process_index: int = 0
     process_count: int = 1
     stop: StopSignals | None = None
@@ -105,23 +104,26 @@ class Run:
         return self.process_index == 0
 
     @property
+    def data_parallel(self) -> bool:
+        """Whether the steps use several devices."""
+        return self.placement.data_parallel
+
+    @property
     def metrics_path(self) -> str:
         """``<workdir>/metrics.jsonl``."""
         return os.path.join(self.workdir, "metrics.jsonl")
 
     def feed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A batch split as ``(local devices, per device, ...)`` as the step wants it."""
-        if self.data_parallel:
-            return batch
-        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+        return self.placement.feed(batch)
 
     def first(self, tree: Any) -> Any:
-        """A step's output on the host (the first local replica when data parallel)."""
-        return host_first_replica(tree) if self.data_parallel else jax.device_get(tree)
+        """A step's output on the host (one copy when data parallel)."""
+        return self.placement.fetch(tree)
 
     def save(self, state: bnjax.TrainState, loop: LoopState) -> None:
         """Checkpoints ``state`` and ``loop`` at ``loop.step``."""
-        tree = checkpointing.state_tree(state, self.rng_data, replicated=self.data_parallel)
+        tree = self.placement.checkpoint_tree(state, self.rng_data)
         self.checkpoints.save(loop.step, tree, loop.meta())
 
 
@@ -140,7 +142,7 @@ def _load_data(config: Any, process_index: int, process_count: int) -> input_pip
 def _setup(config: Any, workdir: str) -> tuple[Run, bnjax.TrainState]:
     """Data, model, initial state, compiled steps and checkpoint manager of a run."""
     process_index, process_count = jax.process_index(), jax.process_count()
-    data_parallel = jax.device_count() > 1
+    placement = parallelism.Placement.from_config(config)
     ds = _load_data(config, process_index, process_count)
     spe = input_pipeline.steps_per_epoch(ds, config.batch_size, process_count)
     if spe < 1:
@@ -151,14 +153,13 @@ def _setup(config: Any, workdir: str) -> tuple[Run, bnjax.TrainState]:
                        config.batch_size // jax.device_count())
     model = models_lib.create_model(
         config.model, num_classes=ds.num_classes, norm=resolved_norm(config),
-        axis_name="batch" if data_parallel else None, **dict(config.model_kwargs))
+        axis_name=placement.model_axis_name, **dict(config.model_kwargs))
     state, rng_data = create_train_state(config, model, ds.normalize(ds.train.x[:1]), spe)
     run = Run(config=config, workdir=workdir, ds=ds, model=model, steps_per_epoch=spe,
-              train_step=bnjax.make_train_step(data_parallel=data_parallel),
-              eval_step=bnjax.make_eval_step(data_parallel=data_parallel),
+              train_step=placement.train_step(), eval_step=placement.eval_step(),
               checkpoints=checkpointing.Checkpoints(workdir,
                                                     max_to_keep=config.keep_checkpoints),
-              rng_data=rng_data, data_parallel=data_parallel, process_index=process_index,
+              rng_data=rng_data, placement=placement, process_index=process_index,
               process_count=process_count)
     return run, state
 
@@ -166,7 +167,8 @@ def _setup(config: Any, workdir: str) -> tuple[Run, bnjax.TrainState]:
 def _resume(run: Run, state: bnjax.TrainState) -> tuple[bnjax.TrainState, resume.ResumePoint]:
     """Restores the workdir's newest intact checkpoint, if any (see :mod:`bnjax_train.resume`)."""
     point = resume.find_resume_point(
-        run.checkpoints, checkpointing.state_tree(state, run.rng_data),
+        run.checkpoints,
+        run.placement.restore_target(checkpointing.state_tree(state, run.rng_data)),
         steps_per_epoch=run.steps_per_epoch, num_epochs=run.config.num_epochs,
         metrics_path=run.metrics_path)
     if point.restored is not None:
@@ -181,8 +183,8 @@ def _announce(run: Run) -> None:
     config, ds = run.config, run.ds
     how = ""
     if run.data_parallel:
-        how = (" (data parallel, synchronized BN)" if resolved_norm(config) == "batch"
-               else " (data parallel)")
+        how = (f" (data parallel: {run.placement.mode}, synchronized BN)"
+               if resolved_norm(config) == "batch" else f" (data parallel: {run.placement.mode})")
     print(f"Training {config.model} (norm={resolved_norm(config)}) on {config.dataset}: "
           f"{len(ds.train)} train / {len(ds.test)} test examples, "
           f"{config.num_epochs} epochs x {run.steps_per_epoch} steps, batch {config.batch_size} "
@@ -192,8 +194,8 @@ def _announce(run: Run) -> None:
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Trains and evaluates a model as ``config`` says, resuming from ``workdir`` if possible.
 
-    Uses every device (data parallel under ``pmap`` with synchronized batch norm when there
-    is more than one), evaluates with the moving statistics after each epoch, and writes into
+    Uses every device (data parallel with synchronized batch norm when there is more than one,
+    on a mesh or under ``pmap`` as ``config.parallel`` says), evaluates with the moving statistics after each epoch, and writes into
     ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one strict JSON line
     per epoch), ``checkpoints/<step>/`` (orbax: params, batch_stats, optimizer state, step, RNG
     and the data position; each epoch, every ``checkpoint_every_steps`` and at the end; the
@@ -260,8 +262,7 @@ def _run(run: Run, state: bnjax.TrainState, claim: Claim, changes: dict[str, lis
                   steps_per_epoch=run.steps_per_epoch, is_main=run.is_main,
                   process_count=run.process_count)
     claim.start()
-    if run.data_parallel:
-        state = bnjax.replicate(state)
+    state = run.placement.put_state(state)
     if run.is_main:
         _announce(run)
     interrupted = False
@@ -304,7 +305,7 @@ def _inference_tools(run: Run, state: bnjax.TrainState, result: dict[str, Any]) 
     precise, export = config.get("precise_bn_batches", 0), config.get("export_folded", False)
     if not (precise or export):
         return result
-    host = bnjax.unreplicate(state) if run.data_parallel else state
+    host = run.placement.fetch(state)
     variables = {"params": host.params, "batch_stats": host.batch_stats}
     if precise and host.batch_stats and run.process_count == 1:
         batches = (b["x"].reshape((-1,) + b["x"].shape[2:]) for b in input_pipeline.train_batches(
@@ -312,7 +313,7 @@ def _inference_tools(run: Run, state: bnjax.TrainState, result: dict[str, Any]) 
             num_local_devices=jax.local_device_count()))
         variables = bnjax.precise_batch_stats(run.model, variables, batches, precise)
         bs = variables["batch_stats"]
-        state = state.replace(batch_stats=bnjax.replicate(bs) if run.data_parallel else bs)
+        state = state.replace(batch_stats=run.placement.put_state(bs))
         result.update({f"test_{k}_precise_bn": v
                        for k, v in evaluate(run, state, run.ds.test).items()})
         print(f"PreciseBN ({precise} batches): test accuracy "

@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.momentum = 0.9  # for "momentum"
     config.max_consecutive_skips = 20  # stop after this many non-finite steps in a row
 
+    # Devices: with more than one, "mesh" (jax.jit over a device mesh), "shard_map" (the same
+    # mesh under jax.shard_map) or "pmap"; a run may resume in another mode.
+    config.parallel = "mesh"
+
     # Checkpoints, logging.
     config.checkpoint_every_steps = 0  # also save every N steps (0: each epoch and the end)
     config.keep_checkpoints = 2  # the newest K; a damaged newest one is skipped on resume

@@ -1,4 +1,5 @@
-"""`python -m benchmarks fold|sync --quick` run and write well-formed JSON where they should.
+"""`python -m benchmarks fold|sync|parallel --quick` run and write well-formed JSON where they
+should.
 
 Times are never asserted: only that the benchmarks work and report what the docs quote.
 """
@@ -19,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     ("fold", ["folded_pairs", "kept", "max_rel_err_folded_vs_unfolded",
               "speedup_paired_median", "results"]),
     ("sync", ["devices", "ratio_sync_over_local", "results"]),
+    ("parallel", ["devices", "ratio_to_pmap_sync", "results"]),
 ])
 def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
     # fold writes to its default --out (under bench_results/ of the current directory).

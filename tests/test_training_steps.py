@@ -1,4 +1,8 @@
-"""Train and eval steps of bnjax.steps, single-device and data-parallel over 8 CPU devices.
+"""Train and eval steps of bnjax.steps: one device, and 8 CPU devices under pmap and on a mesh.
+
+Modes: "single" (jax.jit on one device), "pmap" (data_parallel=True, axis "batch"), "mesh"
+(jax.jit over a mesh whose axis the user named "data"; BN layers without axis_name) and
+"shard_map" (the same mesh under jax.shard_map; BN layers with axis_name="data").
 
 The reference (bn_reference.ref_train_step) is a float64 model with flax.linen.BatchNorm, a
 hand-written masked cross-entropy and plain SGD on the whole batch; "1e-5 relative" is the max
@@ -18,6 +22,46 @@ from bnjax import steps as step_lib
 D = 8
 LAYERS = 2
 LR = 0.1
+MODES = ["single", "pmap", "mesh", "shard_map"]
+MESH_AXIS = "data"  # the user's name for the mesh axis
+
+
+def model_axis(mode):
+    """The axis_name the model's BN layers need in ``mode``."""
+    return {"pmap": "batch", "shard_map": MESH_AXIS}.get(mode)
+
+
+def the_mesh():
+    return jax.make_mesh((D,), (MESH_AXIS,))
+
+
+def step_kwargs(mode):
+    if mode == "pmap":
+        return {"data_parallel": True}
+    if mode in ("mesh", "shard_map"):
+        return {"mesh": the_mesh(), "shard_map": mode == "shard_map"}
+    return {}
+
+
+def place(mode, state):
+    if mode == "pmap":
+        return parallel.replicate(state)
+    if mode in ("mesh", "shard_map"):
+        return parallel.put_replicated(state, the_mesh())
+    return state
+
+
+def prep(mode, batch):
+    if mode == "pmap":
+        return parallel.shard_batch(batch)
+    if mode in ("mesh", "shard_map"):
+        return parallel.put_batch(batch, the_mesh())
+    return batch
+
+
+def first(x):
+    """The first element of a value that may carry a pmap device axis, as a float."""
+    return float(np.asarray(x).reshape(-1)[0])
 
 
 def close(got, ref, rtol=1e-5, what=""):
@@ -34,8 +78,22 @@ def make_state(axis_name, tx=None, penalty=0.0, groups=None, layers=LAYERS):
                                       batch_stats=v["batch_stats"], tx=tx or optax.sgd(LR))
 
 
-def host(tree, data_parallel):
-    return jax.tree.map(np.asarray, parallel.unreplicate(tree) if data_parallel else tree)
+def host(tree, mode):
+    if mode in ("mesh", "shard_map"):
+        return parallel.fetch_replicated(tree)
+    return jax.tree.map(np.asarray, parallel.unreplicate(tree) if mode == "pmap" else tree)
+
+
+def assert_identical_replicas(mode, state):
+    """Parameters and moving statistics agree on every device."""
+    for leaf in jax.tree.leaves((state.params, state.batch_stats)):
+        if mode == "pmap":
+            a = np.asarray(leaf)
+            assert np.array_equal(a, np.broadcast_to(a[:1], a.shape))
+        else:
+            assert leaf.is_fully_replicated and len(leaf.sharding.device_set) == D
+            shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+            assert all(np.array_equal(shards[0], b) for b in shards[1:])
 
 
 def batches(masked, steps=2, n=D * 4):
@@ -49,19 +107,17 @@ def batches(masked, steps=2, n=D * 4):
     return out
 
 
-def run_steps(data_parallel, bs, constrain_fn=None, penalty=0.0, tx=None):
-    state = make_state("batch" if data_parallel else None, tx=tx, penalty=penalty)
-    step = step_lib.make_train_step(data_parallel=data_parallel, constrain_fn=constrain_fn)
-    if data_parallel:
-        state = parallel.replicate(state)
+def run_steps(mode, bs, constrain_fn=None, penalty=0.0, tx=None):
+    state = place(mode, make_state(model_axis(mode), tx=tx, penalty=penalty))
+    step = step_lib.make_train_step(constrain_fn=constrain_fn, **step_kwargs(mode))
     metrics = []
     for b in bs:
-        state, m = step(state, parallel.shard_batch(b) if data_parallel else b)
-        metrics.append(host(m, data_parallel))
+        state, m = step(state, prep(mode, b))
+        metrics.append(host(m, mode))
     return state, metrics
 
 
-def check_against_reference(state, metrics, bs, data_parallel, penalty=0.0, clip=None):
+def check_against_reference(state, metrics, bs, mode, penalty=0.0, clip=None):
     ref = init_variables(layers=LAYERS)
     ref = {"params": ref["params"], "batch_stats": ref["batch_stats"]}
     for b, m in zip(bs, metrics, strict=True):
@@ -70,64 +126,58 @@ def check_against_reference(state, metrics, bs, data_parallel, penalty=0.0, clip
         close(m["loss"], loss, what="loss")
         close(m["accuracy"], acc, what="accuracy")
         assert float(m["skipped"]) == 0.0
-    got = host({"params": state.params, "batch_stats": state.batch_stats}, data_parallel)
+    got = host({"params": state.params, "batch_stats": state.batch_stats}, mode)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(ref),
                             strict=True):
         close(g, r, what=jax.tree_util.keystr(path))
     assert int(np.asarray(state.step).reshape(-1)[0]) == len(bs)
 
 
-@pytest.mark.parametrize("data_parallel", [False, True])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("masked", [False, True])
-def test_train_step_matches_float64_reference(data_parallel, masked):
+def test_train_step_matches_float64_reference(mode, masked):
     bs = batches(masked)
-    state, metrics = run_steps(data_parallel, bs)
-    check_against_reference(state, metrics, bs, data_parallel)
-    if data_parallel:
-        # Identical replicas: parameters and moving statistics agree on every device.
-        for leaf in jax.tree.leaves((state.params, state.batch_stats)):
-            a = np.asarray(leaf)
-            assert np.array_equal(a, np.broadcast_to(a[:1], a.shape))
+    state, metrics = run_steps(mode, bs)
+    check_against_reference(state, metrics, bs, mode)
+    if mode != "single":
+        assert_identical_replicas(mode, state)
 
 
-def test_losses_collection_and_constrain_fn():
+@pytest.mark.parametrize("mode", ["pmap", "mesh", "shard_map"])
+def test_losses_collection_and_constrain_fn(mode):
     """A sown penalty joins the loss and its gradient; constrain_fn clips after each update."""
     bs = batches(False)
     clip = 0.3
-    state, metrics = run_steps(True, bs, penalty=0.05,
+    state, metrics = run_steps(mode, bs, penalty=0.05,
                                constrain_fn=lambda p: jax.tree.map(
                                    lambda a: jnp.clip(a, -clip, clip), p))
-    check_against_reference(state, metrics, bs, True, penalty=0.05, clip=clip)
-    assert max(np.max(np.abs(a)) for a in jax.tree.leaves(host(state.params, True))) <= clip
+    check_against_reference(state, metrics, bs, mode, penalty=0.05, clip=clip)
+    assert max(np.max(np.abs(a)) for a in jax.tree.leaves(host(state.params, mode))) <= clip
 
 
-@pytest.mark.parametrize("data_parallel", [False, True])
-def test_non_finite_batches_are_skipped(data_parallel):
-    state = make_state("batch" if data_parallel else None, tx=optax.adam(1e-2))
-    step = step_lib.make_train_step(data_parallel=data_parallel)
-    if data_parallel:
-        state = parallel.replicate(state)
-    prep = parallel.shard_batch if data_parallel else (lambda b: b)
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_batches_are_skipped(mode):
+    state = place(mode, make_state(model_axis(mode), tx=optax.adam(1e-2)))
+    step = step_lib.make_train_step(**step_kwargs(mode))
     good = batches(False, steps=1)[0]
-    state, m = step(state, prep(good))  # a normal step first: a non-trivial optimizer state
-    assert float(np.asarray(m["skipped"]).reshape(-1)[0]) == 0.0
+    state, m = step(state, prep(mode, good))  # a normal step first: a non-trivial opt state
+    assert first(m["skipped"]) == 0.0
     for bad_value in (np.nan, np.inf):
-        before = host(state, data_parallel)
+        before = host(state, mode)
         bad = dict(good, x=good["x"].copy())
         bad["x"][5, 1] = bad_value
-        state, m = step(state, prep(bad))
-        after = host(state, data_parallel)
-        assert float(np.asarray(m["skipped"]).reshape(-1)[0]) == 1.0
-        assert not np.isfinite(float(np.asarray(m["loss"]).reshape(-1)[0]))
+        state, m = step(state, prep(mode, bad))
+        after = host(state, mode)
+        assert first(m["skipped"]) == 1.0
+        assert not np.isfinite(first(m["loss"]))
         for name in ("params", "opt_state", "batch_stats"):
             for a, b in zip(jax.tree.leaves(getattr(before, name)),
                             jax.tree.leaves(getattr(after, name)), strict=True):
                 assert np.all(np.isfinite(b)) and np.array_equal(a, b), name
-        assert int(np.asarray(after.step).reshape(-1)[0]) == int(
-            np.asarray(before.step).reshape(-1)[0]) + 1
-    state, m = step(state, prep(good))
-    assert float(np.asarray(m["skipped"]).reshape(-1)[0]) == 0.0
-    assert not np.array_equal(jax.tree.leaves(host(state.params, data_parallel))[0],
+        assert int(first(after.step)) == int(first(before.step)) + 1
+    state, m = step(state, prep(mode, good))
+    assert first(m["skipped"]) == 0.0
+    assert not np.array_equal(jax.tree.leaves(host(state.params, mode))[0],
                               jax.tree.leaves(after.params)[0])
 
 
@@ -142,14 +192,13 @@ def _np_logits(variables, x):
     return h @ p[f"Dense_{LAYERS}"]["kernel"] + p[f"Dense_{LAYERS}"]["bias"]
 
 
-@pytest.mark.parametrize("data_parallel", [False, True])
-def test_eval_step_uses_moving_statistics_and_honours_the_mask(data_parallel):
-    state = make_state("batch" if data_parallel else None)
+@pytest.mark.parametrize("mode", MODES)
+def test_eval_step_uses_moving_statistics_and_honours_the_mask(mode):
+    state = make_state(model_axis(mode))
     b = batches(True, steps=1)[0]
-    step = step_lib.make_eval_step(data_parallel=data_parallel)
-    m = step(parallel.replicate(state) if data_parallel else state,
-             parallel.shard_batch(b) if data_parallel else b)
-    m = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
+    step = step_lib.make_eval_step(**step_kwargs(mode))
+    m = step(place(mode, state), prep(mode, b))
+    m = {k: first(v) for k, v in m.items()}
     v = jax.tree.map(lambda a: np.asarray(a, np.float64),
                      {"params": state.params, "batch_stats": state.batch_stats})
     logits = _np_logits(v, b["x"])
