@@ -2,9 +2,10 @@
 
 :func:`train_and_evaluate` (what ``train.py`` runs) uses every device: data parallel with
 synchronized batch norm when there is more than one, on a device mesh or under ``pmap`` as
-``config.parallel`` says (:mod:`bnjax_train.parallelism`), each process of a multi-host job reading its own shard of the data. It evaluates with the
-moving statistics after each epoch, checkpoints (:mod:`bnjax_train.checkpointing`) and resumes
-exactly where an interrupted run stopped.
+``config.parallel`` says (:mod:`bnjax_train.parallelism`), each process of a multi-host job
+reading its own shard of the data. It evaluates with the moving statistics after each epoch,
+checkpoints (:mod:`bnjax_train.checkpointing`) and resumes exactly where an interrupted run
+stopped.
 
 Around the loop: one run per workdir (an OS lock, :mod:`bnjax_train.workdir`); SIGINT and
 SIGTERM finish the current step, save and return (:mod:`bnjax_train.stopping`); a resume skips
@@ -195,7 +196,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Trains and evaluates a model as ``config`` says, resuming from ``workdir`` if possible.
 
     Uses every device (data parallel with synchronized batch norm when there is more than one,
-    on a mesh or under ``pmap`` as ``config.parallel`` says), evaluates with the moving statistics after each epoch, and writes into
+    on a mesh or under ``pmap`` as ``config.parallel`` says), evaluates with the moving
+    statistics after each epoch, and writes into
     ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one strict JSON line
     per epoch), ``checkpoints/<step>/`` (orbax: params, batch_stats, optimizer state, step, RNG
     and the data position; each epoch, every ``checkpoint_every_steps`` and at the end; the

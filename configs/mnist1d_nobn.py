@@ -6,8 +6,8 @@ Command:
 
 Expected result: a lower final test accuracy than with batch norm, learned more slowly
 (compare both with `python -m bnjax_train.compare`; measured figures of both in
-benchmarks/results/train_default.json, rendered in docs/training.md). The conv and dense layers get biases in place
-of the batch-norm offsets; everything else is the default config.
+benchmarks/results/train_default.json, rendered in docs/training.md). The conv and dense
+layers get biases in place of the batch-norm offsets; everything else is the default config.
 """
 
 import os
