@@ -120,11 +120,9 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
     dt = stat_dtype(x.dtype)
     red = tuple(i for i in range(x.ndim) if i not in axes)
     if mask is None:
-        first = tuple(0 if i in red else slice(None) for i in range(x.ndim))
-        shift = lax.stop_gradient(x[first].astype(dt))
-        count = jnp.full(shift.shape, np.prod([x.shape[i] for i in red]), dt)
+        count = jnp.full([x.shape[a] for a in axes], np.prod([x.shape[i] for i in red]), dt)
         shift, s1, s2 = lax.platform_dependent(
-            x, shift, cpu=functools.partial(_cpu_sums, red=red, axes=axes, dt=dt),
+            x, cpu=functools.partial(_cpu_sums, red=red, axes=axes, dt=dt),
             default=functools.partial(_shifted_sums, red=red, axes=axes, dt=dt))
         return jnp.stack([count, shift, s1, s2])
     shift, has = _first_valid(x, mask, axes)
@@ -178,9 +176,14 @@ def sums_of(f1: Any, f2: Any, operands: tuple[Array, ...], red: tuple[int, ...]
 _PLAIN_SUMS_LIMIT = 4.0
 
 
-def _shifted_sums(x: Array, shift: Array, *, red: tuple[int, ...], axes: tuple[int, ...],
+def _shifted_sums(x: Array, *, red: tuple[int, ...], axes: tuple[int, ...],
                   dt: Any) -> tuple[Array, Array, Array]:
-    """``(shift, sum(x - shift), sum((x - shift)^2))``: exact for any ``|mean| / std``."""
+    """``(shift, sum(x - shift), sum((x - shift)^2))``: exact for any ``|mean| / std``.
+
+    The shift is the batch's first value of each feature.
+    """
+    first = tuple(0 if i in red else slice(None) for i in range(x.ndim))
+    shift = lax.stop_gradient(x[first].astype(dt))
 
     def deviation(x: Array, shift: Array) -> Array:
         return x.astype(dt) - to_input_shape(shift, x.ndim, axes)
@@ -189,7 +192,7 @@ def _shifted_sums(x: Array, shift: Array, *, red: tuple[int, ...], axes: tuple[i
     return shift, s1, s2
 
 
-def _cpu_sums(x: Array, shift: Array, *, red: tuple[int, ...], axes: tuple[int, ...],
+def _cpu_sums(x: Array, *, red: tuple[int, ...], axes: tuple[int, ...],
               dt: Any) -> tuple[Array, Array, Array]:
     """Plain sums of ``x`` and ``x^2`` when they are accurate enough, else the shifted sums.
 
@@ -208,8 +211,8 @@ def _cpu_sums(x: Array, shift: Array, *, red: tuple[int, ...], axes: tuple[int, 
     spread = s2 / n - mean * mean
     # One compare and one reduction; NaN and overflow fail it too.
     plain_ok = jnp.all((mean * mean <= _PLAIN_SUMS_LIMIT * spread) & (spread < jnp.inf))
-    return lax.cond(plain_ok, lambda: (jnp.zeros_like(shift), s1, s2),
-                    lambda: _shifted_sums(x, shift, red=red, axes=axes, dt=dt))
+    return lax.cond(plain_ok, lambda: (jnp.zeros_like(s1), s1, s2),
+                    lambda: _shifted_sums(x, red=red, axes=axes, dt=dt))
 
 
 def combine_sums(sums: Array) -> Moments:
