@@ -25,9 +25,10 @@ Both give the statistics of the global batch, exactly, masked or not, and the sa
 one device with the same global batch. They differ in the collectives (counted in the compiled
 train step, ``tests/test_mesh.py``): under ``jax.shard_map`` each synchronized layer adds one
 all-gather forward and one all-reduce backward, exactly the collectives of the ``pmap`` step;
-under ``jax.jit`` XLA writes three all-reduces per layer (the shift of bnjax's shifted sums,
-one value of the batch, is broadcast from the device holding it; the forward sums; the backward
-sums, merged with the gradients' all-reduce) and no all-gather.
+under ``jax.jit`` XLA writes the all-reduces itself and no all-gather: on the CPU two per layer
+on the usual path (the forward's plain sums; the backward sums, merged with the gradients'
+all-reduce) and two more in the branch that recomputes shifted sums where ``|mean| / std`` is
+large (the shift, one value of the batch, broadcast from the device holding it, and the sums).
 
 Which to use when:
 
