@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, markdown_table
+from bnjax_train.studies.render import TABLES as STUDY_TABLES
 
 __all__ = ["TABLES", "kind_of", "render", "render_all", "update"]
 
@@ -38,9 +39,10 @@ _VERSIONS = ("jax", "jaxlib", "flax", "optax", "numpy", "bnjax")
 
 
 def kind_of(data: Data) -> str:
-    """Which benchmark wrote a results JSON: ``step``, ``fold``, ``sync`` or ``inference_eval``.
+    """Which command wrote a results JSON: ``step``, ``fold``, ``sync``, ``inference_eval``...
 
-    Files written before ``meta.benchmark`` existed are recognized by their fields.
+    ... or ``study`` (``python -m bnjax_train.studies``). Files written before
+    ``meta.benchmark`` existed are recognized by their fields.
 
     Example:
       >>> kind_of({"meta": {"benchmark": "fold"}}), kind_of({"auroc": {}})
@@ -182,6 +184,8 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "fold": {"fold": _fold},
     "sync": {"sync": _sync},
     "inference_eval": {"accuracy": _accuracy, "auroc": _auroc},
+    # python -m bnjax_train.studies NAME: claim, table, verdict (rendered by the studies).
+    "study": STUDY_TABLES,
 }
 
 

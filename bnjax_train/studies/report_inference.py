@@ -1,0 +1,125 @@
+"""Tables and verdicts of the inference studies: momentum (with PreciseBN) and MC batch norm.
+
+As in :mod:`bnjax_train.studies.report_training`: ``(header, rows)`` and one line each,
+from a results JSON alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bnjax_train.studies import metrics
+from bnjax_train.studies.summary import SIGNIFICANT, difference, select
+
+__all__ = ["mcbn_table", "mcbn_verdict", "momentum_table", "momentum_verdict"]
+
+Data = Mapping[str, Any]
+Table = tuple[list[str], list[list[str]]]
+
+
+def _at(data: Data, momentum: float, key: str, epoch: int) -> list[float]:
+    return [r[key][epoch] for r in select(data["results"]["runs"], momentum=momentum)]
+
+
+def momentum_table(data: Data) -> Table:
+    """Test accuracy after each epoch: moving statistics and PreciseBN, per momentum."""
+    momenta = data["meta"]["settings"]["momenta"]
+    header = ["epoch"] + [f"{m:g} {what}" for m in momenta for what in ("moving", "PreciseBN")]
+    epochs = len(data["results"]["runs"][0]["test_accuracy"])
+    rows = [[str(e + 1)] + [metrics.cell(_at(data, m, key, e)) for m in momenta
+                            for key in ("test_accuracy", "test_accuracy_precise")]
+            for e in range(epochs)]
+    return header, rows
+
+
+def momentum_verdict(data: Data) -> str:
+    """Do the momenta differ after the first epoch, less at the end, and does PreciseBN fix it?"""
+    momenta = data["meta"]["settings"]["momenta"]
+
+    def mean(m: float, key: str, e: int) -> float:
+        return metrics.mean_std(_at(data, m, key, e))[0]
+
+    def spread(key: str, e: int) -> tuple[float, float, float, float]:
+        lo = min(momenta, key=lambda m: mean(m, key, e))
+        hi = max(momenta, key=lambda m: mean(m, key, e))
+        return lo, hi, mean(hi, key, e) - mean(lo, key, e), metrics.compare(
+            _at(data, hi, key, e), _at(data, lo, key, e))[1]
+
+    lo, hi, gap0, z0 = spread("test_accuracy", 0)
+    *_, gap_end, _ = spread("test_accuracy", -1)
+    *_, pgap0, _ = spread("test_accuracy_precise", 0)
+    fixed, z_fix = difference(_at(data, lo, "test_accuracy_precise", 0),
+                              _at(data, lo, "test_accuracy", 0))
+    matters = z0 >= SIGNIFICANT and gap_end < gap0
+    fixes = z_fix >= SIGNIFICANT and pgap0 < gap0
+    status = {(True, True): "confirmed", (False, False): "not confirmed on this data",
+              (True, False): "partly confirmed (the momentum matters early; PreciseBN does "
+                             "not close the gap)",
+              (False, True): "partly confirmed (PreciseBN helps, but the momenta do not "
+                             "differ early)"}[(matters, fixes)]
+    return (f"{status}: after epoch 1 the moving statistics give {mean(lo, 'test_accuracy', 0):.3f}"
+            f" (momentum {lo:g}) to {mean(hi, 'test_accuracy', 0):.3f} ({hi:g}), a spread of "
+            f"{gap0:.3f} ({z0:.1f} standard errors), {gap_end:.3f} after the last epoch; "
+            f"PreciseBN statistics of the same weights give "
+            f"{mean(lo, 'test_accuracy_precise', 0):.3f} at momentum {lo:g} ({fixed}), a "
+            f"spread of {pgap0:.3f} across momenta after epoch 1.")
+
+
+_MCBN_COLUMNS = (("accuracy", "test accuracy"), ("nll", "NLL"), ("ece", "ECE"),
+                 ("auroc_entropy", "OOD AUROC (entropy)"),
+                 ("auroc_mutual_information", "OOD AUROC (mutual information)"),
+                 ("mutual_information_test", "mean MI, test"),
+                 ("mutual_information_ood", "mean MI, OOD"))
+
+
+def _evaluations(data: Data) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    ev = data["results"]["evaluations"]
+    out = [("plain (moving statistics)", select(ev, inference="plain"))]
+    for b in data["meta"]["settings"]["mc_batch_sizes"]:
+        out.append((f"MCBN, batches of {b}", select(ev, inference="mcbn", mc_batch_size=b)))
+    return out
+
+
+def mcbn_table(data: Data) -> Table:
+    """Calibration and out-of-distribution AUROC of plain inference and MCBN per batch size."""
+    header = ["inference"] + [name for _, name in _MCBN_COLUMNS]
+    rows = []
+    for name, ev in _evaluations(data):
+        rows.append([name] + [metrics.cell([e[k] for e in ev]) if k in ev[0] else "-"
+                              for k, _ in _MCBN_COLUMNS])
+    return header, rows
+
+
+def mcbn_verdict(data: Data) -> str:
+    """Is MCBN's uncertainty better than plain inference's, and worse at large batches?"""
+    (_, plain), *mc = _evaluations(data)
+
+    def vals(ev: list[Mapping[str, Any]], key: str) -> list[float]:
+        return [e[key] for e in ev]
+
+    def mean(ev: list[Mapping[str, Any]], key: str) -> float:
+        return metrics.mean_std(vals(ev, key))[0]
+
+    best_name, best = max(mc, key=lambda kv: mean(kv[1], "auroc_entropy"))
+    text, z_auroc = difference(vals(best, "auroc_entropy"), vals(plain, "auroc_entropy"))
+    z_nll = metrics.compare(vals(plain, "nll"), vals(best, "nll"))[1]
+    useful = z_auroc >= SIGNIFICANT or z_nll >= SIGNIFICANT
+    (small_name, small), (large_name, large) = mc[0], mc[-1]
+    text_mi, z_mi = difference(vals(small, "auroc_mutual_information"),
+                               vals(large, "auroc_mutual_information"))
+    shrinks = mean(large, "mutual_information_ood") / max(mean(small, "mutual_information_ood"),
+                                                          1e-300)
+    fails = z_mi >= SIGNIFICANT
+    status = {(True, True): "confirmed", (False, False): "not confirmed on this data",
+              (True, False): "partly confirmed (useful, but no worse with larger batches)",
+              (False, True): "partly confirmed (worse with larger batches, but not better "
+                             "than plain inference)"}[(useful, fails)]
+    return (f"{status}: best MCBN ({best_name.removeprefix('MCBN, ')}) OOD AUROC "
+            f"{mean(best, 'auroc_entropy'):.3f} vs plain {mean(plain, 'auroc_entropy'):.3f} "
+            f"({text}); NLL {mean(best, 'nll'):.3f} vs {mean(plain, 'nll'):.3f}, ECE "
+            f"{mean(best, 'ece'):.3f} vs {mean(plain, 'ece'):.3f}; the mutual information's AUROC"
+            f" is {mean(small, 'auroc_mutual_information'):.3f} with "
+            f"{small_name.removeprefix('MCBN, ')} vs {mean(large, 'auroc_mutual_information'):.3f}"
+            f" with {large_name.removeprefix('MCBN, ')} ({text_mi}), and its mean on OOD inputs"
+            f" is {shrinks:.2f}x as large.")
