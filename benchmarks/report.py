@@ -184,8 +184,6 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "fold": {"fold": _fold},
     "sync": {"sync": _sync},
     "inference_eval": {"accuracy": _accuracy, "auroc": _auroc},
-    # python -m bnjax_train.studies NAME: claim, table, verdict (rendered by the studies).
-    "study": STUDY_TABLES,
 }
 
 
@@ -307,3 +305,7 @@ def update(paths: Iterable[str | Path]) -> list[Path]:
             file.write_text(new)
             changed.append(file)
     return changed
+
+
+# python -m bnjax_train.studies NAME: claim, table and verdict of a study (rendered there).
+TABLES["study"] = STUDY_TABLES
