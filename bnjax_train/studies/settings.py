@@ -45,7 +45,8 @@ QUICK: dict[str, dict[str, Any]] = {
     "learning_rate": {**_TINY, "learning_rates": [0.01, 1.0], "target": 0.3},
     "placement": {**_TINY, "target": 0.3},
     "dropout": {**_TINY, "target": 0.3},
-    "batch_size": {**_TINY, "batch_sizes": [4, 32], "max_train": 128},
+    "batch_size": {**_TINY, "batch_sizes": [4, 32], "max_train": 128,
+                   "norms": ["batch", "ghost", "group", "none"]},
     "momentum": {**_TINY, "precise_batches": 2},
     "mcbn": {**_TINY, "mc_batch_sizes": [8, 64], "num_samples": 2},
 }
