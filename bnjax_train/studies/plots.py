@@ -39,14 +39,17 @@ def _curves(ax: Any, groups: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
 def _learning_rate(data: Data, axes: Any) -> None:
     s, res = data["meta"]["settings"], data["results"]
     lrs = s["learning_rates"]
-    for n in s["norms"]:
+    for i, n in enumerate(s["norms"]):
         runs = [select(res["runs"], norm=n, learning_rate=lr) for lr in lrs]
         acc = np.array([_stats(finals(r)) for r in runs])
-        axes[0].errorbar(lrs, acc[:, 0], acc[:, 1], marker="o", capsize=3, label=label({"norm": n}))
-        steps = np.array([_stats(reached(r, s["target"], res["steps_per_epoch"])) for r in runs])
-        axes[1].errorbar(lrs, steps[:, 0], steps[:, 1], marker="o", capsize=3,
+        axes[0].errorbar(lrs, acc[:, 0], acc[:, 1], marker="o", capsize=3, color=f"C{i}",
                          label=label({"norm": n}))
-    for ax, what in zip(axes, ("final test accuracy", f"steps to {s['target']} (runs reaching)"),
+        for target, style in zip(s["targets"], ("-", "--", ":"), strict=False):
+            steps = np.array([_stats(reached(r, target, res["steps_per_epoch"]))
+                              for r in runs])
+            axes[1].errorbar(lrs, steps[:, 0], steps[:, 1], marker="o", capsize=3, ls=style,
+                             color=f"C{i}", label=f"{label({'norm': n})}, to {target}")
+    for ax, what in zip(axes, ("final test accuracy", "steps to the target (runs reaching)"),
                         strict=True):
         ax.set_xscale("log")
         ax.set_xlabel("peak learning rate")
@@ -102,26 +105,26 @@ def _mcbn(data: Data, axes: Any) -> None:
     s, ev = data["meta"]["settings"], data["results"]["evaluations"]
     sizes = s["mc_batch_sizes"]
     plain = select(ev, inference="plain")
-    for ax, keys in zip(axes, (("auroc_entropy", "auroc_mutual_information"), ("nll", "ece")),
-                        strict=True):
-        for k in keys:
+    panels = ((("auroc_entropy", "entropy"), ("auroc_mutual_information", "mutual information")),
+              (("nll", "NLL"),), (("ece", "ECE"),))
+    for ax, keys, what in zip(axes, panels, ("OOD AUROC", "test NLL", "test ECE"), strict=True):
+        for i, (k, name) in enumerate(keys):
             vals = np.array([_stats([e[k] for e in select(ev, inference="mcbn",
                                                           mc_batch_size=b)]) for b in sizes])
-            line = ax.errorbar(sizes, vals[:, 0], vals[:, 1], marker="o", capsize=3,
-                               label=f"MCBN {k}")
+            ax.errorbar(sizes, vals[:, 0], vals[:, 1], marker="o", capsize=3, color=f"C{i}",
+                        label=f"MCBN, {name}")
             if k in plain[0]:
-                ax.axhline(_stats([e[k] for e in plain])[0], ls="--",
-                           color=line[0].get_color(), label=f"plain {k}")
+                ax.axhline(_stats([e[k] for e in plain])[0], ls="--", color=f"C{i}",
+                           label=f"plain inference, {name}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("MC batch size")
+        ax.set_ylabel(what)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("OOD AUROC")
-    axes[1].set_ylabel("test NLL / ECE")
 
 
 _PLOTS: dict[str, tuple[int, Callable[[Data, Any], None]]] = {
     "learning_rate": (2, _learning_rate), "placement": (2, _placement), "dropout": (3, _dropout),
-    "batch_size": (1, _batch_size), "momentum": (1, _momentum), "mcbn": (2, _mcbn),
+    "batch_size": (1, _batch_size), "momentum": (1, _momentum), "mcbn": (3, _mcbn),
 }
 
 

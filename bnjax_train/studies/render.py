@@ -83,7 +83,7 @@ def _settings_line(data: Data) -> str:
              f"{s['epochs']} epochs ({s.get('schedule', 'cosine')} schedule)",
              f"{len(seeds)} seeds per cell ({', '.join(map(str, seeds))})"]
     extra = ", ".join(f"{k} {v}" for k, v in s.items() if k in (
-        "target", "precise_batches", "num_samples", "ghost_batch", "max_train"))
+        "targets", "min_steps", "precise_batches", "num_samples", "ghost_batch", "max_train"))
     return ("Settings: " + ", ".join(facts) + (f"; {extra}" if extra else "")
             + f"; dataset {s['dataset']}.")
 

@@ -19,6 +19,7 @@ from bnjax_train.studies.summary import (
     label,
     reached,
     select,
+    speed,
     steps_cell,
 )
 
@@ -42,95 +43,134 @@ def _parts(data: Data) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def learning_rate_table(data: Data) -> Table:
-    """Final accuracy, steps to the target and diverged runs, per learning rate and norm."""
+    """Final accuracy, steps to each target and diverged runs, per learning rate and norm."""
     s, res = _parts(data)
     norms, spe = s["norms"], res["steps_per_epoch"]
-    header = (["learning rate"] + [f"{label({'norm': n})} final accuracy" for n in norms]
-              + [f"{label({'norm': n})} steps to {s['target']}" for n in norms]
-              + [f"{label({'norm': n})} diverged" for n in norms])
+    names = {n: label({"norm": n}) for n in norms}
+    header = (["learning rate"] + [f"{names[n]} final accuracy" for n in norms]
+              + [f"{names[n]} steps to {t}" for t in s["targets"] for n in norms]
+              + [f"{names[n]} diverged" for n in norms])
     rows = []
     for lr in s["learning_rates"]:
         runs = {n: select(res["runs"], norm=n, learning_rate=lr) for n in norms}
         rows.append([f"{lr:g}"] + [metrics.cell(finals(runs[n])) for n in norms]
-                    + [steps_cell(runs[n], s["target"], spe) for n in norms]
+                    + [steps_cell(runs[n], t, spe) for t in s["targets"] for n in norms]
                     + [f"{diverged_runs(runs[n], res['num_classes'])}/{len(runs[n])}"
                        for n in norms])
     return header, rows
 
 
-def _fastest(data: Data, norm: str) -> tuple[float, float] | None:
-    """(mean steps to the target, learning rate) of the fastest rate all of whose runs reach it."""
+def _fastest(data: Data, norm: str, target: float) -> tuple[float, list[Any]]:
+    """The learning rate whose runs all reach ``target`` in the fewest steps (mean), its runs."""
     s, res = _parts(data)
-    best = None
+    best: tuple[float, float, list[Any]] | None = None
     for lr in s["learning_rates"]:
         runs = select(res["runs"], norm=norm, learning_rate=lr)
-        steps = reached(runs, s["target"], res["steps_per_epoch"])
+        steps = reached(runs, target, res["steps_per_epoch"])
         if runs and len(steps) == len(runs):
             mean = metrics.mean_std(steps)[0]
             if best is None or mean < best[0]:
-                best = (mean, lr)
-    return best
+                best = (mean, lr, runs)
+    return (best[1], best[2]) if best else (float("nan"), [])
 
 
 def _stability(data: Data, norm: str) -> tuple[float | None, tuple[float, int, int] | None]:
-    """The largest rate with no diverged run, and (rate, diverged, runs) of the first that has."""
+    """The largest rate up to which no run diverged; (rate, diverged, runs) where some first do."""
     s, res = _parts(data)
     stable, first = None, None
     for lr in s["learning_rates"]:
         runs = select(res["runs"], norm=norm, learning_rate=lr)
         k = diverged_runs(runs, res["num_classes"])
-        if k == 0:
-            stable = lr if first is None else stable
-        elif first is None:
+        if k == 0 and first is None:
+            stable = lr
+        elif k and first is None:
             first = (lr, k, len(runs))
     return stable, first
 
 
+def _speed_phrase(data: Data, target: float) -> tuple[str, int]:
+    """Steps to ``target`` of BN and no BN, each at its fastest rate; +1: BN faster, -1: slower."""
+    spe = data["results"]["steps_per_epoch"]
+    (lr_bn, bn), (lr_none, none) = _fastest(data, "batch", target), _fastest(data, "none",
+                                                                              target)
+    m_bn, m_none, z = speed(bn, none, target, spe)
+    sign = 1 if z >= SIGNIFICANT else -1 if z <= -SIGNIFICANT else 0
+    if m_bn is not None and m_none is not None:
+        return (f"to {target}, {m_bn:.0f} steps with BN (at {lr_bn:g}) vs {m_none:.0f} without "
+                f"(at {lr_none:g}), {m_none / m_bn:.2f}x, {abs(z):.1f} standard errors"), sign
+    if m_bn is not None or m_none is not None:
+        who, m, lr = ("BN", m_bn, lr_bn) if m_bn is not None else ("no norm", m_none, lr_none)
+        return (f"to {target}, only {who} gets there in every seed at some learning rate "
+                f"({m:.0f} steps at {lr:g})"), sign
+    return f"to {target}, neither gets there in every seed at any learning rate", 0
+
+
+def _status(facts: Mapping[str, bool]) -> str:
+    """``confirmed`` when every part of a claim holds, ``not confirmed`` when none does."""
+    if all(facts.values()):
+        return "confirmed"
+    if not any(facts.values()):
+        return "not confirmed on this data"
+    yes = ", ".join(k for k, v in facts.items() if v)
+    no = ", ".join(k for k, v in facts.items() if not v)
+    return f"partly confirmed ({yes}; but not {no})"
+
+
+def _same_rate(data: Data, target: float) -> tuple[int, int, int]:
+    """At how many shared learning rates BN is faster / slower to ``target``, of how many."""
+    s, res = _parts(data)
+    faster = slower = counted = 0
+    for lr in s["learning_rates"]:
+        bn, none = (select(res["runs"], norm=n, learning_rate=lr) for n in ("batch", "none"))
+        m_bn, m_none, z = speed(bn, none, target, res["steps_per_epoch"])
+        if m_bn is None and m_none is None:
+            continue
+        counted += 1
+        faster += z >= SIGNIFICANT
+        slower += z <= -SIGNIFICANT
+    return faster, slower, counted
+
+
 def learning_rate_verdict(data: Data) -> str:
-    """Faster to the target with BN, and stable at larger learning rates with BN?"""
-    s, _ = _parts(data)
-    fast = {n: _fastest(data, n) for n in ("batch", "none")}
-    parts, faster = [], False
-    if fast["batch"] and fast["none"]:
-        ratio = fast["none"][0] / fast["batch"][0]
-        faster = ratio > 1
-        parts.append(f"BN reaches {s['target']} in {fast['batch'][0]:.0f} steps (its fastest "
-                     f"learning rate, {fast['batch'][1]:g}) vs {fast['none'][0]:.0f} without "
-                     f"(at {fast['none'][1]:g}), {ratio:.1f}x {'fewer' if faster else 'more'}")
-    elif fast["batch"] or fast["none"]:
-        who = "batch" if fast["batch"] else "none"
-        faster = who == "batch"
-        parts.append(f"only {label({'norm': who})} reaches {s['target']} in every seed at some "
-                     f"learning rate ({fast[who][0]:.0f} steps at {fast[who][1]:g})")
-    else:
-        parts.append(f"neither reaches {s['target']} in every seed at any learning rate")
-    stable = {n: _stability(data, n) for n in ("batch", "none")}
+    """Faster to the targets with BN, and stable at larger learning rates with BN?"""
+    s, res = _parts(data)
+    speeds = [_speed_phrase(data, t) for t in s["targets"]]
+    same = _same_rate(data, s["targets"][0])
+    parts = [f"at equal learning rates BN gets to {s['targets'][0]} significantly sooner at "
+             f"{same[0]} and later at {same[1]} of the {same[2]} rates where either gets there",
+             "at each norm's fastest learning rate " + "; ".join(p for p, _ in speeds)]
+    best = {}
     for n in ("batch", "none"):
-        top, first = stable[n]
+        top, first = _stability(data, n)
         what = (f"{label({'norm': n})} trains without divergence up to {top:g}" if top
-                else f"{label({'norm': n})} diverges at every learning rate")
-        if first:
-            what += f" and diverges at {first[0]:g} in {first[1]}/{first[2]} seeds"
-        parts.append(what)
-    higher = (stable["batch"][0] or 0) > (stable["none"][0] or 0)
-    status = {(True, True): "confirmed", (False, False): "not confirmed on this data",
-              (True, False): "partly confirmed (faster, but no larger stable learning rate)",
-              (False, True): "partly confirmed (larger stable learning rate, but not faster)",
-              }[(faster, higher)]
-    return f"{status}: " + "; ".join(parts) + "."
+                else f"{label({'norm': n})} diverges at {s['learning_rates'][0]:g} already")
+        parts.append(what + (f" and diverges at {first[0]:g} in {first[1]}/{first[2]} seeds"
+                             if first else ""))
+        best[n] = max((metrics.mean_std(finals(select(res["runs"], norm=n, learning_rate=lr)))[0],
+                       lr) for lr in s["learning_rates"])
+    parts.append(f"best final accuracy {best['batch'][0]:.3f} with BN (at {best['batch'][1]:g})"
+                 f" vs {best['none'][0]:.3f} without (at {best['none'][1]:g})")
+    facts = {
+        "faster at equal learning rates": same[0] > 0 and same[1] == 0,
+        "faster at its best learning rate": (any(sign > 0 for _, sign in speeds)
+                                             and not any(sign < 0 for _, sign in speeds)),
+        "stable at larger learning rates": (_stability(data, "batch")[0] or 0)
+        > (_stability(data, "none")[0] or 0)}
+    return f"{_status(facts)}: " + "; ".join(parts) + "."
 
 
 def _config_rows(data: Data, extra: bool) -> Table:
     s, res = _parts(data)
-    header = ["layout", "final test accuracy", f"steps to {s['target']}", "final training loss"]
+    header = (["layout", "final test accuracy"] + [f"steps to {t}" for t in s["targets"]]
+              + ["final training loss"])
     if extra:
         header[2:2] = ["training accuracy", "train - test gap"]
     rows = []
     for config in s["configs"]:
         runs = select(res["runs"], **config)
-        row = [label(config), metrics.cell(finals(runs)),
-               steps_cell(runs, s["target"], res["steps_per_epoch"]),
-               metrics.cell([v for v in finals(runs, "train_loss") if v is not None])]
+        row = ([label(config), metrics.cell(finals(runs))]
+               + [steps_cell(runs, t, res["steps_per_epoch"]) for t in s["targets"]]
+               + [metrics.cell([v for v in finals(runs, "train_loss") if v is not None], 4)])
         if extra:
             gaps = [r["train_accuracy"] - r["test_accuracy"][-1] for r in runs]
             row[2:2] = [metrics.cell([r["train_accuracy"] for r in runs]), metrics.cell(gaps)]
@@ -173,31 +213,28 @@ def dropout_verdict(data: Data) -> str:
     s, res = _parts(data)
     runs, rate = res["runs"], max(c["dropout"] for c in s["configs"])
     bn, bn_d = select(runs, norm="batch", dropout=0.0), select(runs, norm="batch", dropout=rate)
-    spe, target = res["steps_per_epoch"], s["target"]
-    s_bn, s_d = reached(bn, target, spe), reached(bn_d, target, spe)
-    if len(s_bn) == len(bn) and len(s_d) == len(bn_d):
-        ratio = metrics.mean_std(s_d)[0] / metrics.mean_std(s_bn)[0]
-        faster = metrics.compare(s_d, s_bn)[1] >= SIGNIFICANT
-        speed = f"BN alone reaches {target} in {ratio:.2f}x fewer steps than BN with dropout"
-    else:
-        faster = len(s_bn) > len(s_d)
-        speed = (f"{len(s_bn)}/{len(bn)} BN runs and {len(s_d)}/{len(bn_d)} BN + dropout runs "
-                 f"reach {target}")
+    signs, speeds = [], []
+    for t in s["targets"]:
+        m, m_d, z = speed(bn, bn_d, t, res["steps_per_epoch"])
+        signs.append(1 if z >= SIGNIFICANT else -1 if z <= -SIGNIFICANT else 0)
+        speeds.append(f"to {t} in {m:.0f} vs {m_d:.0f} steps ({abs(z):.1f} standard errors)"
+                      if m is not None and m_d is not None else
+                      f"to {t}: {len(reached(bn, t, res['steps_per_epoch']))}/{len(bn)} vs "
+                      f"{len(reached(bn_d, t, res['steps_per_epoch']))}/{len(bn_d)} runs")
+    faster = any(v > 0 for v in signs) and not any(v < 0 for v in signs)
     text, z = difference(finals(bn), finals(bn_d))
     kept = z > -SIGNIFICANT
-    acc = f"test accuracy without dropout vs with it: {text}"
-    plain, plain_d = select(runs, norm="none", dropout=0.0), select(runs, norm="none",
-                                                                      dropout=rate)
-    helps = difference(finals(plain_d), finals(plain))
-    status = {(True, True): "confirmed", (False, False): "not confirmed on this data",
-              (True, False): "partly confirmed (faster, but less accurate without dropout)",
-              (False, True): "partly confirmed (no loss without dropout, but not faster)",
-              }[(faster, kept)]
+    plain, plain_d = (select(runs, norm="none", dropout=0.0),
+                      select(runs, norm="none", dropout=rate))
+    helps = difference(finals(plain_d), finals(plain))[0].removeprefix("difference ")
+    status = _status({"faster without dropout": faster,
+                      "no less accurate without dropout": kept})
     gap = {label(r[0]["config"]): metrics.mean_std(
         [x["train_accuracy"] - x["test_accuracy"][-1] for x in r])[0]
         for r in (bn, bn_d, plain_d, plain)}
-    return (f"{status}: {speed}; {acc}; without BN, dropout {rate:g} changes test accuracy by "
-            f"{helps[0].removeprefix('difference ')}; train - test gaps "
+    return (f"{status}: BN without dropout vs with dropout {rate:g}: "
+            + "; ".join(speeds) + f"; final test accuracy {text}; without BN, dropout "
+            f"changes test accuracy by {helps}; train - test gaps "
             + ", ".join(f"{k} {v:.3f}" for k, v in gap.items()) + ".")
 
 
@@ -216,9 +253,9 @@ def batch_size_table(data: Data) -> Table:
 
 
 def batch_size_verdict(data: Data) -> str:
-    """At the smallest batch, does an alternative beat BN (and not at the largest)?"""
+    """At the smallest batch, do alternatives beat BN, which holds its own at its best size?"""
     s, res = _parts(data)
-    small, large = min(s["batch_sizes"]), max(s["batch_sizes"])
+    small = min(s["batch_sizes"])
     others = [n for n in s["norms"] if n not in ("batch", "none")]
 
     def acc(norm: str, batch: int) -> list[float]:
@@ -227,21 +264,22 @@ def batch_size_verdict(data: Data) -> str:
     def mean(norm: str, batch: int) -> float:
         return metrics.mean_std(acc(norm, batch))[0]
 
-    def best_other(batch: int) -> str:
-        return max((n for n in others if acc(n, batch)), key=lambda n: mean(n, batch))
+    def rivals(batch: int) -> list[tuple[str, float]]:
+        """The other norms at ``batch``: name and how many standard errors they beat BN by."""
+        return [(label({"norm": n}), metrics.compare(acc(n, batch), acc("batch", batch))[1])
+                for n in others if acc(n, batch)]
 
-    win_small, win_large = best_other(small), best_other(large)
-    z_small = metrics.compare(acc(win_small, small), acc("batch", small))[1]
-    z_large = metrics.compare(acc(win_large, large), acc("batch", large))[1]
-    beaten = [label({"norm": n}) for n in others if acc(n, small)
-              and metrics.compare(acc(n, small), acc("batch", small))[1] >= SIGNIFICANT]
-    fails = z_small >= SIGNIFICANT
-    status = ("confirmed" if fails and z_large < SIGNIFICANT
-              else "partly confirmed (BN is beaten at every size)" if fails
-              else "not confirmed on this data")
-    return (f"{status}: at batch {small} BN reaches {mean('batch', small):.3f} vs "
-            f"{mean(win_small, small):.3f} for {label({'norm': win_small})} ({z_small:.1f} "
-            f"standard errors; beaten by {', '.join(beaten) or 'none'}); at batch {large} BN "
-            f"{mean('batch', large):.3f} vs {mean(win_large, large):.3f} for "
-            f"{label({'norm': win_large})} ({z_large:.1f}); BN's best is "
-            f"{max(mean('batch', b) for b in s['batch_sizes']):.3f}.")
+    best = max(s["batch_sizes"], key=lambda b: mean("batch", b))
+    at_small, at_best = rivals(small), rivals(best)
+    top = max(at_small, key=lambda kv: kv[1])
+    beaten = [name for name, z in at_small if z >= SIGNIFICANT]
+    ahead = [name for name, z in at_best if z >= SIGNIFICANT]
+    facts = {"BN falls behind other norms at the smallest batch": bool(beaten),
+             "BN holds its own at its best batch size": not ahead}
+    return (f"{_status(facts)}: at batch {small} BN reaches {mean('batch', small):.3f}, beaten "
+            f"by {', '.join(beaten) or 'no other norm'} (best {top[0]}, "
+            f"{top[1]:.1f} standard errors ahead); at its best batch size, {best}, BN reaches "
+            f"{mean('batch', best):.3f} and "
+            + (f"is beaten by {', '.join(ahead)}" if ahead else "no other norm beats it")
+            + f"; without any norm: {mean('none', small):.3f} at batch {small}, "
+            f"{mean('none', best):.3f} at {best}.")

@@ -8,6 +8,7 @@ difference of the means (:func:`bnjax_train.studies.metrics.compare`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "label",
     "reached",
     "select",
+    "speed",
     "steps_cell",
 ]
 
@@ -29,7 +31,8 @@ SIGNIFICANT = 2.0
 
 Record = Mapping[str, Any]
 _NORM_LABELS = {"batch": "BN", "none": "no norm", "renorm": "renorm", "ghost": "ghost BN",
-                "group": "group norm", "layer": "layer norm"}
+                "group": "group norm", "group1": "layer norm (per example)",
+                "layer": "layer norm (per position)"}
 
 
 def select(records: Sequence[Record], **config: Any) -> list[Record]:
@@ -120,3 +123,26 @@ def difference(a: Sequence[float], b: Sequence[float], digits: int = 3) -> tuple
     """
     d, z = metrics.compare(a, b)
     return f"difference {d:+.{digits}f}, {abs(z):.1f} standard errors", z
+
+
+def speed(a: Sequence[Record], b: Sequence[Record], target: float,
+          steps_per_epoch: int) -> tuple[float | None, float | None, float]:
+    """Mean steps to ``target`` of ``a`` and ``b``, and how many standard errors ``b`` is slower.
+
+    A mean is None unless every run reaches the target; the size is infinite when only ``a``
+    reaches it (minus infinity: only ``b``), 0 when neither does.
+
+    Example:
+      >>> fast = [{"test_accuracy": [0.95]}, {"test_accuracy": [0.5, 0.95]}]
+      >>> slow = [{"test_accuracy": [0.5, 0.5, 0.95]}, {"test_accuracy": [0.5, 0.5, 0.91]}]
+      >>> speed(fast, slow, 0.9, 10)
+      (15.0, 30.0, 3.0)
+    """
+    sa, sb = reached(a, target, steps_per_epoch), reached(b, target, steps_per_epoch)
+    ma = metrics.mean_std(sa)[0] if a and len(sa) == len(a) else None
+    mb = metrics.mean_std(sb)[0] if b and len(sb) == len(b) else None
+    if ma is not None and mb is not None:
+        return ma, mb, metrics.compare(sb, sa)[1]
+    if ma is None and mb is None:
+        return ma, mb, 0.0
+    return ma, mb, math.inf if mb is None else -math.inf

@@ -20,7 +20,8 @@ from bnjax_train.studies.engine import Data, Recipe, Runs, accuracy, predict, tr
 from bnjax_train.studies.nets import StudyCNN1D
 
 __all__ = ["make_model", "make_recipe", "records", "run_batch_size", "run_dropout",
-           "run_learning_rate", "run_placement", "scaled_learning_rate", "timing"]
+           "norm_fields", "run_learning_rate", "run_placement", "scaled_learning_rate",
+           "timing"]
 
 Settings = Mapping[str, Any]
 Record = dict[str, Any]
@@ -157,22 +158,44 @@ def scaled_learning_rate(settings: Settings, batch_size: int) -> float:
                                                         / settings["reference_batch"])
 
 
+def norm_fields(norm: str, ghost_batch: int) -> dict[str, Any]:
+    """The network's ``norm`` and ``norm_kwargs`` for a norm name of the batch-size study.
+
+    ``"ghost"`` normalizes ghost batches of ``ghost_batch`` examples; ``"group1"`` is group
+    norm with one group, i.e. layer norm over every value of an example (the zoo's
+    ``"layer"`` normalizes the channels at each position separately).
+
+    Example:
+      >>> norm_fields("group1", 16), norm_fields("batch", 16)
+      ({'norm': 'group', 'norm_kwargs': {'num_groups': 1}}, {'norm': 'batch'})
+    """
+    if norm == "ghost":
+        return {"norm": "ghost", "norm_kwargs": {"virtual_batch_size": ghost_batch}}
+    if norm == "group1":
+        return {"norm": "group", "norm_kwargs": {"num_groups": 1}}
+    return {"norm": norm}
+
+
 def run_batch_size(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
-    """Every norm at every batch size (ghost batches only where there are two or more)."""
+    """Every norm at every batch size (ghost batches only where there are two or more).
+
+    Every batch size trains for ``epochs`` epochs and at least ``min_steps`` steps (the large
+    batches take more epochs), at the learning rate of :func:`scaled_learning_rate`.
+    """
     out, all_runs, skipped = [], [], []
     ghost = int(settings["ghost_batch"])
+    n = len(data.x_train)
     for batch in settings["batch_sizes"]:
+        epochs = max(int(settings["epochs"]), math.ceil(settings["min_steps"] / (n // batch)))
         for norm in settings["norms"]:
             if norm == "ghost" and (batch < 2 * ghost or batch % ghost):
                 skipped.append({"norm": norm, "batch_size": batch})
                 continue
-            kwargs = {"virtual_batch_size": ghost} if norm == "ghost" else {}
-            model = make_model(settings, data.num_classes, norm=norm, norm_kwargs=kwargs)
+            model = make_model(settings, data.num_classes, **norm_fields(norm, ghost))
             lr = scaled_learning_rate(settings, batch)
-            runs = train_runs(model, data, make_recipe(settings, batch_size=batch), list(seeds),
-                              [lr] * len(seeds))
+            runs = train_runs(model, data, make_recipe(settings, batch_size=batch, epochs=epochs),
+                              list(seeds), [lr] * len(seeds))
             all_runs.append(runs)
             out += records(runs, [{"norm": norm, "batch_size": batch}] * len(seeds), seeds,
-                           steps=np.full(len(seeds), runs.steps_per_epoch * runs.test_accuracy
-                                         .shape[1]))
+                           steps=np.full(len(seeds), runs.steps_per_epoch * epochs))
     return {"runs": out, "skipped": skipped, **timing(all_runs)}
