@@ -49,7 +49,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "placement": {**_TINY, "targets": [0.2, 0.3]},
     "dropout": {**_TINY, "targets": [0.2, 0.3]},
     "batch_size": {**_TINY, "batch_sizes": [4, 32], "max_train": 128, "min_steps": 8,
-                   "norms": ["batch", "ghost", "group", "none"]},
+                   "norms": ["batch", "ghost", "group1", "none"]},
     "momentum": {**_TINY, "precise_batches": 2},
     "mcbn": {**_TINY, "mc_batch_sizes": [8, 64], "num_samples": 2},
 }
