@@ -194,6 +194,18 @@ def test_quick_study_writes_json_png_and_markdown(quick, name):
     EXPECT[name](data, header, rows)
 
 
+def test_docs_page_shows_the_six_full_runs():
+    page = (REPO / "docs" / "studies.md").read_text()
+    regions = {(m["path"], m["table"]) for m in report.MARKER.finditer(page)}
+    assert regions == {(f"docs/studies/{name}.json", "table") for name in STUDIES}
+    for name in STUDIES:
+        data = json.loads((REPO / "docs" / "studies" / f"{name}.json").read_text())
+        assert not data["meta"]["quick"] and len(data["meta"]["seeds"]) >= 3
+        assert f"](studies/{name}.png)" in page
+        assert (REPO / "docs" / "studies" / f"{name}.png").stat().st_size > 10_000
+        assert f"Verdict: {render.verdict(data)}" in page
+
+
 def test_cli_arguments():
     assert parse_args(["all"]).names == STUDIES and parse_args(["all"]).seeds == 5
     with pytest.raises(SystemExit):

@@ -27,7 +27,8 @@ import optax
 
 from bnjax_train import input_pipeline
 
-__all__ = ["OPTIMIZERS", "Data", "Recipe", "Runs", "load_data", "predict", "train_runs"]
+__all__ = ["OPTIMIZERS", "Data", "Recipe", "Runs", "accuracy", "load_data", "predict",
+           "toy_data", "train_runs"]
 
 #: Optimizers of :class:`Recipe`: the gradient transformation before the learning rate.
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
@@ -79,6 +80,21 @@ def load_data(name: str = "mnist1d", data_dir: str = "data", max_train: int = 0,
     return Data(x_train=ds.normalize(ds.train.x[:n_train]), y_train=ds.train.y[:n_train],
                 x_test=ds.normalize(ds.test.x[:n_test]), y_test=ds.test.y[:n_test],
                 num_classes=ds.num_classes)
+
+
+def toy_data(n_train: int = 32, n_test: int = 8, length: int = 40, num_classes: int = 10,
+             seed: int = 0) -> Data:
+    """Random inputs and labels shaped like MNIST-1D, for examples and tests.
+
+    Example:
+      >>> toy_data().x_train.shape, toy_data().num_classes
+      ((32, 40), 10)
+    """
+    rng = np.random.default_rng(seed)
+    return Data(rng.normal(size=(n_train, length)).astype(np.float32),
+                rng.integers(0, num_classes, n_train).astype(np.int32),
+                rng.normal(size=(n_test, length)).astype(np.float32),
+                rng.integers(0, num_classes, n_test).astype(np.int32), num_classes)
 
 
 @dataclasses.dataclass(frozen=True)

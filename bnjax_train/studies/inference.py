@@ -34,7 +34,17 @@ def _run(variables: Any, r: int) -> Any:
 
 
 def run_momentum(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
-    """Moving vs PreciseBN statistics after every epoch, for each momentum; seeds together."""
+    """Moving vs PreciseBN statistics after every epoch, for each momentum; seeds together.
+
+    Example:
+      >>> from bnjax_train.studies.engine import toy_data
+      >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
+      ...             "batch_size": 16, "epochs": 1,
+      ...             "momenta": [0.9], "precise_batches": 1}
+      >>> out = run_momentum(toy_data(), settings, [0, 1])
+      >>> len(out["runs"][0]["test_accuracy_precise"])
+      1
+    """
     n, batch = len(data.x_train), int(settings["batch_size"])
     order = np.random.default_rng(0).permutation(n)[:settings["precise_batches"] * batch]
     batches = [jnp.asarray(data.x_train[order[i:i + batch]]) for i in range(0, len(order), batch)]
@@ -102,7 +112,17 @@ def uncertainty_scores(probs: np.ndarray, labels: np.ndarray,
 
 
 def run_mcbn(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
-    """Trains BN networks (seeds together), then plain inference vs MCBN per MC batch size."""
+    """Trains BN networks (seeds together), then plain inference vs MCBN per MC batch size.
+
+    Example:
+      >>> from bnjax_train.studies.engine import toy_data
+      >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
+      ...             "batch_size": 16, "epochs": 1,
+      ...             "mc_batch_sizes": [4], "num_samples": 2}
+      >>> out = run_mcbn(toy_data(), settings, [0])
+      >>> [e["config"]["inference"] for e in out["evaluations"]]
+      ['plain', 'mcbn']
+    """
     model = make_model(settings, data.num_classes, norm="batch")
     runs = train_runs(model, data, make_recipe(settings), list(seeds),
                       [settings["learning_rate"]] * len(seeds))

@@ -70,12 +70,15 @@ def verdict(data: Data) -> str:
     return _RENDERERS[_study(data)][1](data)
 
 
+_OPTIMIZER_NAMES = {"adam": "Adam", "momentum": "SGD with momentum 0.9", "sgd": "SGD"}
+
+
 def _settings_line(data: Data) -> str:
     s, meta = data["meta"]["settings"], data["meta"]
     seeds = meta["seeds"]
     lr = s.get("learning_rate")
     facts = [f"StudyCNN1D (features {list(s['features'])}, dense {s['hidden']})",
-             f"{s['optimizer']} optimizer",
+             _OPTIMIZER_NAMES.get(s["optimizer"], s["optimizer"]),
              *([f"learning rate {lr:g}"] if lr is not None and "reference_batch" not in s else []),
              *([f"learning rate {lr:g} x sqrt(batch / {s['reference_batch']})"]
                if "reference_batch" in s else []),
@@ -91,9 +94,12 @@ def _settings_line(data: Data) -> str:
 def _time_line(data: Data) -> str:
     meta, res = data["meta"], data["results"]
     n = len(res["runs"])
+    end = meta.get("load_average_end")
     return (f"Time: {meta['seconds']:.0f} s for the study ({n} training runs in "
-            f"{res['compiled_steps']} compiled training steps: {res['train_seconds']:.0f} s, of "
-            f"which {res['compile_seconds']:.0f} s compiling).")
+            f"{res['compiled_steps']} compiled training step"
+            f"{'s' if res['compiled_steps'] != 1 else ''}: {res['train_seconds']:.0f} s, of "
+            f"which {res['compile_seconds']:.0f} s compiling)"
+            + (f"; load average at the end {'/'.join(map(str, end))}." if end else "."))
 
 
 def render_study(data: Data) -> str:

@@ -24,6 +24,7 @@ from bnjax_train.studies.summary import (
 )
 
 __all__ = [
+    "BATCH_FREE",
     "batch_size_table",
     "batch_size_verdict",
     "dropout_table",
@@ -43,7 +44,14 @@ def _parts(data: Data) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def learning_rate_table(data: Data) -> Table:
-    """Final accuracy, steps to each target and diverged runs, per learning rate and norm."""
+    """Final accuracy, steps to each target and diverged runs, per learning rate and norm.
+
+    Example:
+      >>> from bnjax_train.studies.summary import committed
+      >>> header, rows = learning_rate_table(committed("learning_rate"))
+      >>> header[:3], rows[0][0]
+      (['learning rate', 'BN final accuracy', 'no norm final accuracy'], '0.003')
+    """
     s, res = _parts(data)
     norms, spe = s["norms"], res["steps_per_epoch"]
     names = {n: label({"norm": n}) for n in norms}
@@ -132,7 +140,14 @@ def _same_rate(data: Data, target: float) -> tuple[int, int, int]:
 
 
 def learning_rate_verdict(data: Data) -> str:
-    """Faster to the targets with BN, and stable at larger learning rates with BN?"""
+    """Faster to the targets with BN, and stable at larger learning rates with BN?
+
+    Example:
+      >>> from bnjax_train.studies.summary import committed
+      >>> learning_rate_verdict(committed("learning_rate")).startswith(
+      ...     ("confirmed", "partly confirmed", "not confirmed"))
+      True
+    """
     s, res = _parts(data)
     speeds = [_speed_phrase(data, t) for t in s["targets"]]
     same = _same_rate(data, s["targets"][0])
@@ -179,12 +194,25 @@ def _config_rows(data: Data, extra: bool) -> Table:
 
 
 def placement_table(data: Data) -> Table:
-    """Final test accuracy, steps to the target and final training loss per layout."""
+    """Final test accuracy, steps to the target and final training loss per layout.
+
+    Example:
+      >>> from bnjax_train.studies.summary import committed
+      >>> header, rows = placement_table(committed("placement"))
+      >>> header[:2], [row[0] for row in rows]
+      (['layout', 'final test accuracy'], ['conv-BN-ReLU', 'conv-ReLU-BN', 'no BN'])
+    """
     return _config_rows(data, extra=False)
 
 
 def placement_verdict(data: Data) -> str:
-    """conv-BN-ReLU vs conv-ReLU-BN on final test accuracy (and both vs no BN)."""
+    """conv-BN-ReLU vs conv-ReLU-BN on final test accuracy (and both vs no BN).
+
+    Example:
+      >>> from bnjax_train.studies.summary import committed
+      >>> placement_verdict(committed("placement")).startswith(("conv-", "neither"))
+      True
+    """
     res = data["results"]["runs"]
     before = finals(select(res, norm="batch", placement="before"))
     after = finals(select(res, norm="batch", placement="after"))
@@ -204,12 +232,26 @@ def placement_verdict(data: Data) -> str:
 
 
 def dropout_table(data: Data) -> Table:
-    """Test and training accuracy, their gap, steps to the target and training loss."""
+    """Test and training accuracy, their gap, steps to the target and training loss.
+
+    Example:
+      >>> from bnjax_train.studies.summary import committed
+      >>> header, rows = dropout_table(committed("dropout"))
+      >>> header[2:4], len(rows)
+      (['training accuracy', 'train - test gap'], 4)
+    """
     return _config_rows(data, extra=True)
 
 
 def dropout_verdict(data: Data) -> str:
-    """Does BN without dropout learn faster than BN with it, without losing test accuracy?"""
+    """Does BN without dropout learn faster than BN with it, without losing test accuracy?
+
+    Example:
+      >>> from bnjax_train.studies.summary import committed
+      >>> dropout_verdict(committed("dropout")).startswith(
+      ...     ("confirmed", "partly confirmed", "not confirmed"))
+      True
+    """
     s, res = _parts(data)
     runs, rate = res["runs"], max(c["dropout"] for c in s["configs"])
     bn, bn_d = select(runs, norm="batch", dropout=0.0), select(runs, norm="batch", dropout=rate)
@@ -239,7 +281,14 @@ def dropout_verdict(data: Data) -> str:
 
 
 def batch_size_table(data: Data) -> Table:
-    """Final test accuracy per batch size (rows) and norm (columns)."""
+    """Final test accuracy per batch size (rows) and norm (columns).
+
+    Example:
+      >>> from bnjax_train.studies.summary import committed
+      >>> header, rows = batch_size_table(committed("batch_size"))
+      >>> header[:3], [row[0] for row in rows]
+      (['batch size', 'BN', 'renorm'], ['2', '4', '16', '64', '256'])
+    """
     s, res = _parts(data)
     header = ["batch size"] + [label({"norm": n}) for n in s["norms"]]
     rows = []
@@ -252,8 +301,22 @@ def batch_size_table(data: Data) -> Table:
     return header, rows
 
 
+#: Norms whose statistics do not depend on the batch (the alternatives to BN at small batches).
+BATCH_FREE = ("group", "group1", "layer")
+
+
 def batch_size_verdict(data: Data) -> str:
-    """At the smallest batch, do alternatives beat BN, which holds its own at its best size?"""
+    """At the smallest batch, do other norms beat BN, which holds its own at its best size?
+
+    "Holds its own": no batch-free norm (group or layer norm) is ahead of BN at the batch size
+    where BN does best; BN's own variants (renorm, ghost batches) are reported separately.
+
+    Example:
+      >>> from bnjax_train.studies.summary import committed
+      >>> batch_size_verdict(committed("batch_size")).startswith(
+      ...     ("confirmed", "partly confirmed", "not confirmed"))
+      True
+    """
     s, res = _parts(data)
     small = min(s["batch_sizes"])
     others = [n for n in s["norms"] if n not in ("batch", "none")]
@@ -264,22 +327,28 @@ def batch_size_verdict(data: Data) -> str:
     def mean(norm: str, batch: int) -> float:
         return metrics.mean_std(acc(norm, batch))[0]
 
-    def rivals(batch: int) -> list[tuple[str, float]]:
-        """The other norms at ``batch``: name and how many standard errors they beat BN by."""
-        return [(label({"norm": n}), metrics.compare(acc(n, batch), acc("batch", batch))[1])
-                for n in others if acc(n, batch)]
+    def ahead(batch: int, norms: list[str]) -> list[tuple[str, float]]:
+        """The norms at ``batch`` significantly ahead of BN, and by how many standard errors."""
+        found = [(label({"norm": n}), metrics.compare(acc(n, batch), acc("batch", batch))[1])
+                 for n in norms if acc(n, batch)]
+        return [(name, z) for name, z in found if z >= SIGNIFICANT]
 
     best = max(s["batch_sizes"], key=lambda b: mean("batch", b))
-    at_small, at_best = rivals(small), rivals(best)
-    top = max(at_small, key=lambda kv: kv[1])
-    beaten = [name for name, z in at_small if z >= SIGNIFICANT]
-    ahead = [name for name, z in at_best if z >= SIGNIFICANT]
+    beaten = ahead(small, others)
+    free = ahead(best, [n for n in others if n in BATCH_FREE])
+    variants = ahead(best, [n for n in others if n not in BATCH_FREE])
     facts = {"BN falls behind other norms at the smallest batch": bool(beaten),
-             "BN holds its own at its best batch size": not ahead}
-    return (f"{_status(facts)}: at batch {small} BN reaches {mean('batch', small):.3f}, beaten "
-            f"by {', '.join(beaten) or 'no other norm'} (best {top[0]}, "
-            f"{top[1]:.1f} standard errors ahead); at its best batch size, {best}, BN reaches "
-            f"{mean('batch', best):.3f} and "
-            + (f"is beaten by {', '.join(ahead)}" if ahead else "no other norm beats it")
+             "no batch-free norm beats BN at its best batch size": not free}
+
+    def names(found: list[tuple[str, float]]) -> str:
+        return ", ".join(f"{name} ({z:.1f} standard errors)" for name, z in found)
+
+    return (f"{_status(facts)}: at batch {small} BN reaches {mean('batch', small):.3f} and is "
+            + (f"beaten by {names(beaten)}" if beaten else "beaten by no other norm")
+            + f"; at its best batch size, {best}, BN reaches {mean('batch', best):.3f}, "
+            + (f"beaten by {names(free)}" if free else "ahead of or level with group and layer"
+               " norm")
+            + (f"; ahead of it there among its own variants: {names(variants)}" if variants
+               else "")
             + f"; without any norm: {mean('none', small):.3f} at batch {small}, "
             f"{mean('none', best):.3f} at {best}.")

@@ -8,14 +8,17 @@ difference of the means (:func:`bnjax_train.studies.metrics.compare`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from benchmarks.common import REPO
 from bnjax_train.studies import metrics
 
 __all__ = [
     "SIGNIFICANT",
+    "committed",
     "difference",
     "diverged_runs",
     "finals",
@@ -33,6 +36,16 @@ Record = Mapping[str, Any]
 _NORM_LABELS = {"batch": "BN", "none": "no norm", "renorm": "renorm", "ghost": "ghost BN",
                 "group": "group norm", "group1": "layer norm (per example)",
                 "layer": "layer norm (per position)"}
+
+
+def committed(name: str) -> dict[str, Any]:
+    """The committed results of study ``name``: ``docs/studies/NAME.json`` of the repository.
+
+    Example:
+      >>> committed("placement")["meta"]["study"]
+      'placement'
+    """
+    return json.loads((REPO / "docs" / "studies" / f"{name}.json").read_text())
 
 
 def select(records: Sequence[Record], **config: Any) -> list[Record]:
@@ -118,8 +131,9 @@ def difference(a: Sequence[float], b: Sequence[float], digits: int = 3) -> tuple
     """``"difference +0.012, 3.1 standard errors"`` of ``mean(a) - mean(b)``, and the size.
 
     Example:
-      >>> difference([0.9, 0.92, 0.94], [0.8, 0.82, 0.84])
-      ('difference +0.100, 6.1 standard errors', 6.123724356957948)
+      >>> text, z = difference([0.9, 0.92, 0.94], [0.8, 0.82, 0.84])
+      >>> text, round(z, 2)
+      ('difference +0.100, 6.1 standard errors', 6.12)
     """
     d, z = metrics.compare(a, b)
     return f"difference {d:+.{digits}f}, {abs(z):.1f} standard errors", z

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 from flax.core import FrozenDict
 
-from bnjax_train.studies.engine import Data, Recipe, Runs, accuracy, predict, train_runs
+from bnjax_train.studies.engine import (
+    Data,
+    Recipe,
+    Runs,
+    accuracy,
+    predict,
+    train_runs,
+)
 from bnjax_train.studies.nets import StudyCNN1D
 
 __all__ = ["make_model", "make_recipe", "records", "run_batch_size", "run_dropout",
@@ -138,12 +145,32 @@ def _per_config(data: Data, settings: Settings, seeds: Sequence[int],
 
 
 def run_placement(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
-    """conv-BN-ReLU, conv-ReLU-BN and no BN (``settings["configs"]``: model fields each)."""
+    """conv-BN-ReLU, conv-ReLU-BN and no BN (``settings["configs"]``: model fields each).
+
+    Example:
+      >>> from bnjax_train.studies.engine import toy_data
+      >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
+      ...             "batch_size": 16, "epochs": 1,
+      ...             "configs": [{"norm": "batch", "placement": "after"}]}
+      >>> out = run_placement(toy_data(), settings, [0, 1])
+      >>> [r["config"]["placement"] for r in out["runs"]], out["steps_per_epoch"]
+      (['after', 'after'], 2)
+    """
     return _per_config(data, settings, seeds, settings["configs"])
 
 
 def run_dropout(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
-    """BN and dropout, each with and without the other; also the final training accuracy."""
+    """BN and dropout, each with and without the other; also the final training accuracy.
+
+    Example:
+      >>> from bnjax_train.studies.engine import toy_data
+      >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
+      ...             "batch_size": 16, "epochs": 1,
+      ...             "configs": [{"norm": "none", "dropout": 0.5}]}
+      >>> out = run_dropout(toy_data(), settings, [0])
+      >>> 0.0 <= out["runs"][0]["train_accuracy"] <= 1.0
+      True
+    """
     return _per_config(data, settings, seeds, settings["configs"], train_accuracy=True)
 
 
@@ -181,6 +208,15 @@ def run_batch_size(data: Data, settings: Settings, seeds: Sequence[int]) -> dict
 
     Every batch size trains for ``epochs`` epochs and at least ``min_steps`` steps (the large
     batches take more epochs), at the learning rate of :func:`scaled_learning_rate`.
+
+    Example:
+      >>> from bnjax_train.studies.engine import toy_data
+      >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
+      ...             "reference_batch": 16, "epochs": 1, "min_steps": 4,
+      ...             "batch_sizes": [8], "ghost_batch": 4, "norms": ["ghost", "group1"]}
+      >>> out = run_batch_size(toy_data(), settings, [0])
+      >>> [(r["config"]["norm"], r["steps"]) for r in out["runs"]], out["skipped"]
+      ([('ghost', 4.0), ('group1', 4.0)], [])
     """
     out, all_runs, skipped = [], [], []
     ghost = int(settings["ghost_batch"])
