@@ -185,7 +185,9 @@ def test_quick_study_writes_json_png_and_markdown(quick, name):
     assert len(meta["load_average_end"]) == 3
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / f"{name}.md").read_text()
-    assert markdown.endswith(report.render(out / f"{name}.json", "table") + "\n")
+    assert markdown.endswith(f"<!-- rendered: {(out / f'{name}.json').resolve()} table -->\n"
+                             + report.render(out / f"{name}.json", "table")
+                             + "\n<!-- end rendered -->\n")
     assert f"Claim: {render.CLAIMS[name]}" in markdown and "QUICK RUN" in markdown
     verdicts = [line for line in markdown.splitlines() if line.startswith("Verdict: ")]
     assert len(verdicts) == 1 and STATUS.match(verdicts[0]), verdicts

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from benchmarks.common import environment, git_commit, write_json
+from benchmarks.common import REPO, environment, git_commit, write_json
 from bnjax_train.studies.render import STUDIES
 from bnjax_train.studies.settings import settings_for
 
@@ -111,8 +111,11 @@ def draw(name: str, out: Path) -> str:
     json_path = (out / f"{name}.json").resolve()
     data = json.loads(json_path.read_text())
     plot_study(data, out / f"{name}.png")
-    markdown = (f"# Study: {name}\n\n![{name}]({name}.png)\n\n"
-                + report.render(json_path, "table") + "\n")
+    # Between the markers of python -m benchmarks report (the path from the repository root
+    # when the file is in it), so the page is re-rendered and checked like the docs.
+    where = json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path
+    markdown = (f"# Study: {name}\n\n![{name}]({name}.png)\n\n<!-- rendered: {where} table -->\n"
+                + report.render(json_path, "table") + "\n<!-- end rendered -->\n")
     (out / f"{name}.md").write_text(markdown)
     print(markdown, flush=True)
     return markdown
