@@ -39,10 +39,9 @@ _VERSIONS = ("jax", "jaxlib", "flax", "optax", "numpy", "bnjax")
 
 
 def kind_of(data: Data) -> str:
-    """Which command wrote a results JSON: ``step``, ``fold``, ``sync``, ``inference_eval``...
+    """Which benchmark wrote a results JSON: ``step``, ``fold``, ``sync`` or ``inference_eval``.
 
-    ... or ``study`` (``python -m bnjax_train.studies``). Files written before
-    ``meta.benchmark`` existed are recognized by their fields.
+    Files written before ``meta.benchmark`` existed are recognized by their fields.
 
     Example:
       >>> kind_of({"meta": {"benchmark": "fold"}}), kind_of({"auroc": {}})
@@ -307,5 +306,6 @@ def update(paths: Iterable[str | Path]) -> list[Path]:
     return changed
 
 
-# python -m bnjax_train.studies NAME: claim, table and verdict of a study (rendered there).
+# python -m bnjax_train.studies NAME (meta.benchmark "study"): claim, table and verdict of a
+# study, rendered by bnjax_train.studies.render.
 TABLES["study"] = STUDY_TABLES
