@@ -28,7 +28,6 @@ __all__ = [
     "RESULTS_DIR",
     "compile_fn",
     "cpu_model",
-    "entropy",
     "environment",
     "fmt",
     "git_commit",
@@ -193,17 +192,6 @@ def quantiles(seconds: Sequence[float]) -> dict[str, float]:
     q = np.percentile(seconds, [25, 50, 75])
     return {"median_ms": 1e3 * float(q[1]), "p25_ms": 1e3 * float(q[0]),
             "p75_ms": 1e3 * float(q[2]), "min_ms": 1e3 * min(seconds), "n": len(seconds)}
-
-
-def entropy(p: Any) -> np.ndarray:
-    """Entropy (nats) of each row of probabilities ``p``, in float64 NumPy.
-
-    Example:
-      >>> entropy(np.array([[0.5, 0.5], [1.0, 0.0]])).round(4).tolist()
-      [0.6931, 0.0]
-    """
-    p = np.asarray(p, np.float64)
-    return 0.0 - np.sum(p * np.log(np.clip(p, 1e-30, None)), axis=-1)  # 0.0, not -0.0
 
 
 def compile_fn(fn: Callable[..., Any], *args: Any) -> Any:

@@ -33,26 +33,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.stats import rankdata
 
 import bnjax
-from benchmarks.common import entropy
+from benchmarks.scores import auroc, entropy
 from bnjax_train import checkpointing, config_lib, input_pipeline, train
 from bnjax_train import models as models_lib
 
-__all__ = ["auroc", "default_workdir", "run"]
-
-
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """Area under the ROC curve of scores ranking ``positive`` above ``negative`` (ties: 1/2).
-
-    Example:
-      >>> auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])), auroc(np.ones(2), np.ones(3))
-      (1.0, 0.5)
-    """
-    ranks = rankdata(np.concatenate([positive, negative]))
-    n_pos, n_neg = len(positive), len(negative)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+__all__ = ["default_workdir", "run"]
 
 
 def default_workdir(config_path: str, num_epochs: int = 0) -> str:

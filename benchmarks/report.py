@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, markdown_table
+from bnjax_train.studies.render import TABLES as STUDY_TABLES
 
 __all__ = ["TABLES", "kind_of", "render", "render_all", "update"]
 
@@ -345,3 +346,8 @@ def update(paths: Iterable[str | Path]) -> list[Path]:
             file.write_text(new)
             changed.append(file)
     return changed
+
+
+# python -m bnjax_train.studies NAME (meta.benchmark "study"): claim, table and verdict of a
+# study, rendered by bnjax_train.studies.render.
+TABLES["study"] = STUDY_TABLES

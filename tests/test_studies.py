@@ -1,0 +1,321 @@
+"""`python -m bnjax_train.studies`: every study's quick mode writes JSON, PNG and markdown whose
+table equals the one recomputed here from the JSON (float64 NumPy), with a verdict line; the
+vmapped training engine trains each run as a plain loop would; the studies' network computes
+what the zoo's CNN1D computes; the verdicts follow the numbers."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from benchmarks import report
+from bnjax_train.models import CNN1D, create_model
+from bnjax_train.studies import metrics, render
+from bnjax_train.studies.cli import parse_args
+from bnjax_train.studies.engine import Data, Recipe, train_runs
+from bnjax_train.studies.nets import StudyCNN1D
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = ["learning_rate", "placement", "dropout", "batch_size", "momentum", "mcbn"]
+STATUS = re.compile(r"^Verdict: (confirmed|partly confirmed|not confirmed|neither order|"
+                    r"conv-ReLU-BN is better|conv-BN-ReLU is better)\b")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """All six studies with --quick, in one process (one JAX start, one MNIST-1D)."""
+    out = tmp_path_factory.mktemp("studies")
+    data = tmp_path_factory.mktemp("data")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnjax_train.studies", "all", "--quick", "--out", str(out),
+         "--data_dir", str(data)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def _mean_std(values):
+    v = np.asarray(values, np.float64)
+    return v.mean(), (v.std(ddof=1) if v.size > 1 else 0.0)
+
+
+def _table(markdown):
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return split[0], split[2:]
+
+
+def _check(cell, values, digits=3):
+    """A ``mean ± std`` cell against the float64 mean and sample std of ``values``."""
+    if not len(values):
+        assert cell in ("-", "not reached"), cell
+        return
+    m = re.fullmatch(r"(-?[\d.]+) ± ([\d.]+)(?: \((\d+)/(\d+)\))?", cell)
+    assert m, cell
+    mean, std = _mean_std(values)
+    tol = 0.51 * 10.0**-digits + 1e-9
+    assert abs(float(m[1]) - mean) <= tol and abs(float(m[2]) - std) <= tol, (cell, values)
+
+
+def _runs(data, **config):
+    return [r for r in data["results"]["runs"]
+            if all(r["config"].get(k) == v for k, v in config.items())]
+
+
+def _steps(runs, target, spe):
+    out = []
+    for r in runs:
+        hits = [i for i, a in enumerate(r["test_accuracy"]) if a >= target]
+        if hits:
+            out.append((hits[0] + 1) * spe)
+    return out
+
+
+def _check_steps(cell, runs, target, spe):
+    steps = _steps(runs, target, spe)
+    if not steps:
+        assert cell == "not reached"
+        return
+    _check(cell, steps, digits=0)
+    if len(steps) < len(runs):
+        assert cell.endswith(f"({len(steps)}/{len(runs)})")
+
+
+LABELS = {"batch": "BN", "none": "no norm", "renorm": "renorm", "ghost": "ghost BN",
+          "group": "group norm", "group1": "layer norm (per example)",
+          "layer": "layer norm (per position)"}
+
+
+def _expect_learning_rate(data, header, rows):
+    s, spe = data["meta"]["settings"], data["results"]["steps_per_epoch"]
+    assert [r[0] for r in rows] == [f"{lr:g}" for lr in s["learning_rates"]]
+    assert len(header) == 1 + len(s["norms"]) * (2 + len(s["targets"]))
+    for lr, row in zip(s["learning_rates"], rows, strict=True):
+        cells = dict(zip(header, row, strict=True))
+        for norm in s["norms"]:
+            runs, name = _runs(data, norm=norm, learning_rate=lr), LABELS[norm]
+            _check(cells[f"{name} final accuracy"], [r["test_accuracy"][-1] for r in runs])
+            for t in s["targets"]:
+                _check_steps(cells[f"{name} steps to {t}"], runs, t, spe)
+            bad = sum(r["nonfinite"] or r["test_accuracy"][-1] < 0.2 for r in runs)
+            assert cells[f"{name} diverged"] == f"{bad}/{len(runs)}"
+
+
+def _expect_configs(data, header, rows):
+    s, spe = data["meta"]["settings"], data["results"]["steps_per_epoch"]
+    assert len(rows) == len(s["configs"])
+    for config, row in zip(s["configs"], rows, strict=True):
+        cells = dict(zip(header, row, strict=True))
+        runs = _runs(data, **config)
+        test = [r["test_accuracy"][-1] for r in runs]
+        _check(cells["final test accuracy"], test)
+        if "training accuracy" in header:
+            train = [r["train_accuracy"] for r in runs]
+            _check(cells["training accuracy"], train)
+            _check(cells["train - test gap"], np.subtract(train, test))
+        for t in s["targets"]:
+            _check_steps(cells[f"steps to {t}"], runs, t, spe)
+        _check(cells["final training loss"],
+               [r["train_loss"][-1] for r in runs if r["train_loss"][-1] is not None], digits=4)
+
+
+def _expect_batch_size(data, header, rows):
+    s = data["meta"]["settings"]
+    assert header == ["batch size"] + [LABELS[n] for n in s["norms"]]
+    for b, row in zip(s["batch_sizes"], rows, strict=True):
+        for norm, cell in zip(s["norms"], row[1:], strict=True):
+            runs = _runs(data, norm=norm, batch_size=b)
+            if runs:
+                _check(cell, [r["test_accuracy"][-1] for r in runs])
+            else:
+                assert cell == "n/a" and {"norm": norm, "batch_size": b} in (
+                    data["results"]["skipped"])
+
+
+def _expect_momentum(data, header, rows):
+    momenta = data["meta"]["settings"]["momenta"]
+    for e, row in enumerate(rows):
+        assert row[0] == str(e + 1)
+        cells = iter(row[1:])
+        for m in momenta:
+            for key in ("test_accuracy", "test_accuracy_precise"):
+                _check(next(cells), [r[key][e] for r in _runs(data, momentum=m)])
+
+
+def _expect_mcbn(data, header, rows):
+    ev = data["results"]["evaluations"]
+    keys = ["accuracy", "nll", "ece", "auroc_entropy", "auroc_mutual_information",
+            "mutual_information_test", "mutual_information_ood"]
+    groups = [[e for e in ev if e["config"]["inference"] == "plain"]] + [
+        [e for e in ev if e["config"].get("mc_batch_size") == b]
+        for b in data["meta"]["settings"]["mc_batch_sizes"]]
+    assert len(rows) == len(groups)
+    for group, row in zip(groups, rows, strict=True):
+        assert len(group) == len(data["meta"]["seeds"])
+        for key, cell in zip(keys, row[1:], strict=True):
+            if key in group[0]:
+                _check(cell, [e[key] for e in group])
+            else:
+                assert cell == "-"
+
+
+EXPECT = {"learning_rate": _expect_learning_rate, "placement": _expect_configs,
+          "dropout": _expect_configs, "batch_size": _expect_batch_size,
+          "momentum": _expect_momentum, "mcbn": _expect_mcbn}
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_quick_study_writes_json_png_and_markdown(quick, name):
+    out, stdout = quick
+    data = json.loads((out / f"{name}.json").read_text())
+    meta = data["meta"]
+    assert meta["benchmark"] == "study" and meta["study"] == name and meta["quick"] is True
+    assert meta["command"].startswith("python -m bnjax_train.studies all --quick")
+    assert meta["git_commit"] and meta["seeds"] == [0, 1] and meta["seconds"] > 0
+    assert {"cpu", "cores", "jax", "flax", "load_average"} <= set(meta["environment"])
+    assert len(meta["load_average_end"]) == 3
+    assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / f"{name}.md").read_text()
+    assert markdown.endswith(f"<!-- rendered: {(out / f'{name}.json').resolve()} table -->\n"
+                             + report.render(out / f"{name}.json", "table")
+                             + "\n<!-- end rendered -->\n")
+    assert f"Claim: {render.CLAIMS[name]}" in markdown and "QUICK RUN" in markdown
+    verdicts = [line for line in markdown.splitlines() if line.startswith("Verdict: ")]
+    assert len(verdicts) == 1 and STATUS.match(verdicts[0]), verdicts
+    assert verdicts[0] in stdout
+    header, rows = _table(markdown)
+    EXPECT[name](data, header, rows)
+
+
+def test_docs_page_shows_the_six_full_runs():
+    page = (REPO / "docs" / "studies.md").read_text()
+    regions = {(m["path"], m["table"]) for m in report.MARKER.finditer(page)}
+    assert regions == {(f"docs/studies/{name}.json", "table") for name in STUDIES}
+    for name in STUDIES:
+        data = json.loads((REPO / "docs" / "studies" / f"{name}.json").read_text())
+        assert not data["meta"]["quick"] and len(data["meta"]["seeds"]) >= 3
+        assert f"](studies/{name}.png)" in page
+        assert (REPO / "docs" / "studies" / f"{name}.png").stat().st_size > 10_000
+        assert f"Verdict: {render.verdict(data)}" in page
+
+
+def test_cli_arguments():
+    assert parse_args(["all"]).names == STUDIES and parse_args(["all"]).seeds == 5
+    with pytest.raises(SystemExit):
+        parse_args(["placement", "--seeds", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["nope"])
+
+
+def test_metrics_against_float64_references():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=200)
+    labels = rng.integers(0, 4, 200)
+    nll = -np.mean([np.log(p[y]) for p, y in zip(probs, labels, strict=True)])
+    assert metrics.negative_log_likelihood(probs, labels) == pytest.approx(nll, rel=1e-12)
+    conf, pred = probs.max(1), probs.argmax(1)
+    ece = 0.0
+    for lo in np.arange(15) / 15:  # bins (lo, lo + 1/15]
+        b = (conf > lo) & (conf <= lo + 1 / 15)
+        if b.any():
+            ece += b.mean() * abs((pred[b] == labels[b]).mean() - conf[b].mean())
+    assert metrics.expected_calibration_error(probs, labels) == pytest.approx(ece, rel=1e-9)
+    a, b = [0.9, 0.95, 0.93], [0.8, 0.85]
+    se = np.sqrt(np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 2)
+    d, z = metrics.compare(a, b)
+    assert d == pytest.approx(np.mean(a) - np.mean(b)) and z == pytest.approx(d / se)
+
+
+def test_study_network_computes_what_the_zoo_cnn1d_computes():
+    kw = {"features": (4, 6, 8), "pool_after": (1,), "hidden": 5}
+    x = jax.random.normal(jax.random.key(0), (6, 20))
+    zoo = CNN1D(**kw)
+    variables = zoo.init(jax.random.key(1), x, training=False)
+    rename = lambda tree: {k.replace("Conv_", "PatchConv_"): v for k, v in tree.items()}  # noqa: E731
+    ours = {k: rename(v) for k, v in variables.items()}
+    study = StudyCNN1D(**kw)
+    for training in (False, True):
+        want = zoo.apply(variables, x, training=training, mutable=["batch_stats"])
+        got = study.apply(ours, x, training=training, mutable=["batch_stats"])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+        assert jax.tree.structure(got[1]) == jax.tree.structure(want[1])
+        for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_vmapped_runs_train_as_a_plain_loop_would():
+    rng = np.random.default_rng(0)
+    data = Data(rng.normal(size=(48, 6)).astype(np.float32), rng.integers(0, 3, 48),
+                rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 3, 20), 3)
+    model = create_model("mlp", num_classes=3, hidden=(8,))
+    seeds, lrs, epochs, batch = [3, 7], [0.05, 0.5], 2, 16
+    runs = train_runs(model, data, Recipe(optimizer="momentum", batch_size=batch,
+                                          epochs=epochs), seeds, lrs)
+    total = epochs * (48 // batch)
+    for r, (seed, lr) in enumerate(zip(seeds, lrs, strict=True)):
+        v = model.init(jax.random.key(seed), jnp.asarray(data.x_train[:batch]), training=False)
+        schedule = lambda t, lr=lr: lr * 0.5 * (1 + jnp.cos(jnp.pi * t / total))  # noqa: E731
+        tx = optax.sgd(schedule, momentum=0.9)
+        params, stats, opt = v["params"], v["batch_stats"], None
+        opt = tx.init(params)
+        for e in range(epochs):
+            perm = np.random.default_rng([seed, e]).permutation(48)
+            for k in range(48 // batch):
+                idx = perm[k * batch:(k + 1) * batch]
+
+                def loss(p, idx=idx, stats=stats):
+                    logits, upd = model.apply({"params": p, "batch_stats": stats},
+                                              data.x_train[idx], training=True,
+                                              mutable=["batch_stats"])
+                    return optax.softmax_cross_entropy_with_integer_labels(
+                        logits, data.y_train[idx]).mean(), upd["batch_stats"]
+
+                (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
+                updates, opt = tx.update(g, opt, params)
+                params = optax.apply_updates(params, updates)
+        got = jax.tree.map(lambda a, r=r: a[r], runs.variables)
+        want = {"params": params, "batch_stats": stats}
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+        logits = model.apply({"params": params, "batch_stats": stats}, data.x_test,
+                             training=False)
+        want_acc = np.mean(np.argmax(logits, -1) == data.y_test)
+        assert abs(runs.test_accuracy[r, -1] - want_acc) <= 0.051  # one of 20 may flip
+
+
+def _lr_data(bn_curves, none_curves, nonfinite_none=False):
+    runs = []
+    for norm, curves in (("batch", bn_curves), ("none", none_curves)):
+        for lr, per_seed in curves.items():
+            for seed, curve in enumerate(per_seed):
+                runs.append({"config": {"norm": norm, "learning_rate": lr}, "seed": seed,
+                             "test_accuracy": curve, "train_loss": [1.0] * len(curve),
+                             "nonfinite": nonfinite_none and norm == "none" and lr == 1.0})
+    return {"meta": {"study": "learning_rate", "settings": {
+        "norms": ["batch", "none"], "learning_rates": [0.1, 1.0], "targets": [0.9]}},
+        "results": {"runs": runs, "steps_per_epoch": 10, "num_classes": 10}}
+
+
+def test_learning_rate_verdict_follows_the_numbers():
+    fast, slow = [[0.95, 0.96], [0.93, 0.96]], [[0.5, 0.91], [0.6, 0.92]]
+    confirmed = render.verdict(_lr_data({0.1: fast, 1.0: fast},
+                                        {0.1: slow, 1.0: [[0.1, 0.1], [0.1, 0.1]]}, True))
+    assert confirmed.startswith("confirmed: ") and (
+        "to 0.9, 10 steps with BN (at 0.1) vs 20 without (at 0.1), 2.00x" in confirmed)
+    assert "no norm trains without divergence up to 0.1 and diverges at 1 in 2/2" in confirmed
+    same = render.verdict(_lr_data({0.1: slow, 1.0: slow}, {0.1: slow, 1.0: slow}))
+    assert same.startswith("not confirmed on this data")
+    # Faster, never diverging either: only two of the three parts hold.
+    partly = render.verdict(_lr_data({0.1: fast, 1.0: fast}, {0.1: slow, 1.0: slow}))
+    assert partly.startswith("partly confirmed (faster at equal learning rates, faster at its "
+                             "best learning rate; but not stable at larger learning rates)")
