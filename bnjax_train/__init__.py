@@ -22,6 +22,8 @@ it. Modules, from the entry point down:
 - :mod:`bnjax_train.input_pipeline` and :mod:`bnjax_train.sources`: MNIST-1D and ``tfds:NAME``
   sets, batches;
 - :mod:`bnjax_train.models`: the model zoo with a pluggable norm;
+- :mod:`bnjax_train.studies`: ``python -m bnjax_train.studies NAME``, six claims about batch
+  norm measured over seeds (vmapped training runs), with tables, figures and verdicts;
 - :mod:`bnjax_train.reporting`: printed lines and ``curves.png``;
 - :mod:`bnjax_train.compare`: the batch-norm ablation (``python -m bnjax_train.compare``).
 """
