@@ -59,7 +59,8 @@ def _step(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str
         _log("model level ...")
         result["model"] = model_bench.run(
             batch=4 if args.quick else 128, blocks_per_stage=0 if args.quick else 3,
-            reps=reps, warmup=warmup, log=_log)
+            reps=reps, warmup=warmup, log=_log,
+            models_=("resnet20",) if args.quick else tuple(model_bench.MODELS))
     return result
 
 

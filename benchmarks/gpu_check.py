@@ -137,7 +137,7 @@ def run(dry_run: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
     out.update(op.run(shapes, op.DTYPES, reps=reps, warmup=warmup, log=log))
     if dry_run:
         out["model"] = model.run(batch=4, blocks_per_stage=0, reps=reps, warmup=warmup, log=log,
-                                 models_=("cnn1d",), infer=False)
+                                 models_=("resnet20",), infer=False)
     else:
         out["model"] = model.run(batch=128, reps=reps, warmup=warmup, log=log)
     return out

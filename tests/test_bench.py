@@ -91,6 +91,10 @@ def test_model_rows(quick_run):
         ("train", "bnjax BN"), ("train", "flax BN"), ("train", "no norm"),
         ("eval", "bnjax BN"), ("eval", "flax BN"), ("eval", "no norm"),
         ("eval", "bnjax BN folded")}
+    assert {r["dtype"] for r in rows if r["step"] == "train"} == {"float32", "bfloat16"}
+    for r in rows:
+        if r["step"] == "train" and r["variant"] != "no norm":
+            assert r["bn_cost_pct"] is not None
     for r in rows:
         if r["available"]:
             assert _positive(r["median_ms"]) and _positive(r["ratio_to_flax"])

@@ -92,7 +92,7 @@ def _reference(x, feat, mask, momentum, eps, stats, params):
     return y, new_mean, new_var, n
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=120)
 @given(problems())
 def test_training_agrees_with_reference_or_raises_documented_error(problem):
     x, feat, axis, mask, momentum, eps, stats, params = problem
