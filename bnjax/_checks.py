@@ -250,7 +250,6 @@ def mask_to_input_rank(mask: Any, x_shape: tuple[int, ...], axes: tuple[int, ...
     if mask.shape == reduced_shape:
         return jnp.expand_dims(mask, axes)
     try:
-        np.broadcast_shapes(mask.shape, x_shape)
         ok = mask.ndim <= len(x_shape) and np.broadcast_shapes(mask.shape, x_shape) == x_shape
     except ValueError:
         ok = False

@@ -30,7 +30,7 @@ from jax import lax
 from bnjax import _checks as C
 from bnjax._checks import Axis, canonicalize_axes
 from bnjax._vjp import normalize_with, train_forward
-from bnjax.stats import Moments, moments, to_input_shape
+from bnjax.stats import Moments, moments, stat_dtype, to_input_shape
 from bnjax.variants import (
     RENORM_KEYS,
     average_ghost_moments,
@@ -321,7 +321,7 @@ def _train(x: Array, stats: Mapping[str, Array], scale: Array | None, bias: Arra
     ``(xhat * r + d) * scale + bias`` with ``r``, ``d`` per ghost batch (or for the whole
     batch), gradients stopped.
     """
-    dt = jnp.promote_types(x.dtype, jnp.float32)
+    dt = stat_dtype(x.dtype)
     axes = cfg.axes
     if cfg.ghost is not None:
         groups = x.shape[0] // cfg.ghost
