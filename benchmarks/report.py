@@ -77,12 +77,14 @@ def _op(data: Data) -> str:
                 _shape(shape), _MODE_NAMES[mode], *(t[i]["median_ms"] for i in _IMPLS),
                 *(t[i]["gbps"] for i in ("bnjax", "flax.linen", "floor")),
                 t["bnjax"]["ratio_to_flax"], t["flax.nnx"]["ratio_to_flax"],
+                t["floor"]["ratio_to_flax"],
             ])
         out.append(f"Op level, {dtype} (median ms; GB/s over the minimal bytes):\n\n"
                    + markdown_table(
                        ["shape (NHWC)", "pass", "bnjax ms", "flax.linen ms", "flax.nnx ms",
                         "floor ms", "bnjax GB/s", "flax.linen GB/s", "floor GB/s",
-                        "bnjax / flax.linen", "nnx / flax.linen"], table))
+                        "bnjax / flax.linen", "nnx / flax.linen", "floor / flax.linen"],
+                       table))
     return "\n\n".join(out)
 
 
