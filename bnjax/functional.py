@@ -30,7 +30,7 @@ from jax import lax
 from bnjax import _checks as C
 from bnjax._checks import Axis, canonicalize_axes
 from bnjax._vjp import normalize_with, train_forward
-from bnjax.stats import Moments, moments, stat_dtype, to_input_shape
+from bnjax.stats import Moments, moments, on_automatic_axes, stat_dtype, to_input_shape
 from bnjax.variants import (
     RENORM_KEYS,
     average_ghost_moments,
@@ -290,7 +290,8 @@ def batch_norm(
         )
     cfg = _TrainConfig(axes, epsilon, axis_name, groups, out_dtype, renorm,
                        renorm_clipping if renorm else {}, virtual_batch_size)
-    y, batch = _train(x, stats, scale, bias, m, cfg)
+    y, batch = on_automatic_axes(lambda x, *a: _train(x, *a, cfg), x, axes, stats, scale,
+                                 bias, m, returns_y=True)
     if renorm:
         return y, update_renorm_stats(stats, batch, momentum, renorm_momentum, epsilon,
                                       guard_non_finite)

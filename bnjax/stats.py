@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from bnjax._checks import Axis, canonicalize_axes, check_input, freeze_groups, mask_to_input_rank
 
@@ -34,9 +36,11 @@ __all__ = [
     "axis_names",
     "check_axis",
     "combine_sums",
+    "explicit_axes",
     "gather_sums",
     "local_sums",
     "moments",
+    "on_automatic_axes",
     "stat_dtype",
     "sums_of",
     "to_input_shape",
@@ -312,6 +316,44 @@ def gather_sums(local: Array, axis_name: str | Sequence[str] | None, axis_index_
     return out.reshape((-1,) + local.shape)
 
 
+def explicit_axes(x: Array) -> tuple[str, ...]:
+    """The mesh axes of ``x``'s sharding type that are explicit (``jax.make_mesh``'s default).
+
+    Example:
+      >>> explicit_axes(jnp.zeros(3))
+      ()
+    """
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    names = tuple(getattr(mesh, "axis_names", None) or ())
+    types = tuple(getattr(mesh, "axis_types", None) or ())
+    return tuple(n for n, t in zip(names, types, strict=False) if t == AxisType.Explicit)
+
+
+def on_automatic_axes(fn: Any, x: Array, axes: tuple[int, ...], *args: Any,
+                      returns_y: bool) -> Any:
+    """``fn(x, *args)``, traced with ``x``'s explicit mesh axes made automatic.
+
+    The statistics index the batch (the shift of the shifted sums, a mask's first valid
+    value), which explicit sharding types refuse on a sharded dimension; in automatic mode
+    XLA partitions the computation, as it does for every input under plain ``jax.jit``.
+    The output ``y`` (when ``returns_y``) keeps ``x``'s sharding; per-feature outputs are
+    sharded as ``x``'s feature axes are (replicated for a batch-sharded ``x``).
+
+    Example:
+      >>> on_automatic_axes(lambda x: x + 1, jnp.zeros(2), (0,), returns_y=True).tolist()
+      [1.0, 1.0]
+    """
+    names = explicit_axes(x)
+    if not names:
+        return fn(x, *args)
+    spec = tuple(jax.typeof(x).sharding.spec)
+    spec += (None,) * (x.ndim - len(spec))
+    feature = P(*(spec[a] for a in axes))
+    out_specs = (P(*spec), Moments(feature, feature, feature)) if returns_y else Moments(
+        feature, feature, feature)
+    return jax.sharding.auto_axes(fn, axes=names, out_sharding=out_specs)(x, *args)
+
+
 def check_axis(axis_name: str | Sequence[str], axis_index_groups: Any) -> None:
     """Trace-time check: the axis name is bound and the groups partition it evenly.
 
@@ -381,4 +423,8 @@ def moments(
     check_input(x, axes, training=True)
     groups = freeze_groups(axis_index_groups, axis_name)
     m = None if mask is None else mask_to_input_rank(mask, x.shape, axes)
-    return combine_sums(gather_sums(local_sums(x, axes, m), axis_name, groups))
+
+    def stats(x: Array, m: Array | None) -> Moments:
+        return combine_sums(gather_sums(local_sums(x, axes, m), axis_name, groups))
+
+    return on_automatic_axes(stats, x, axes, m, returns_y=False)

@@ -15,7 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from bn_reference import EPSILON, MOMENTUM, SyncMLP, init_variables, make_data, ref_train_step
+from bn_reference import (
+    EPSILON,
+    MOMENTUM,
+    SyncMLP,
+    init_variables,
+    make_data,
+    np_bn,
+    ref_train_step,
+)
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -349,3 +357,56 @@ def test_bad_mesh_arguments_are_clear_errors():
     with pytest.raises(ValueError, match=r"axis_name=None but the mesh has axes "
                                          r"\('data', 'model'\)"):
         bnjax.make_train_step(mesh=jax.make_mesh((4, 2), ("data", "model")))
+
+
+@pytest.mark.parametrize("case", ["plain", "mask", "ghost", "features_sharded", "linen"])
+def test_a_layer_under_plain_jit_on_explicitly_sharded_inputs(case):
+    """``jax.make_mesh``'s explicit axes, no step helper: the statistics still index the batch.
+
+    x (16, 4) sharded over 8 devices on its batch axis (and over 2 on its features for
+    ``features_sharded``); values, new moving statistics and the gradients of
+    ``sum(y * dy)`` against the float64 NumPy reference, ghost batches computed per group.
+    """
+    both = case == "features_sharded"
+    shape, names = ((4, 2), ("batch", "model")) if both else ((8,), ("batch",))
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Explicit,) * len(shape))
+    spec = P("batch", "model") if both else P("batch")
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(16, 4)) * 3 + 50).astype(np.float32)
+    dy = rng.normal(size=(16, 4)).astype(np.float32)
+    scale, bias = np.linspace(0.5, 2, 4).astype(np.float32), np.linspace(-1, 1, 4).astype(
+        np.float32)
+    stats = {"mean": np.full(4, 0.5, np.float32), "var": np.full(4, 2.0, np.float32)}
+    mask = np.arange(16) % 3 != 1 if case == "mask" else None
+    ghost = 8 if case == "ghost" else None
+
+    def loss(x, scale, bias, stats, mask):
+        if case == "linen":
+            bn = bnjax.BatchNorm(use_running_average=False)
+            y, upd = bn.apply({"params": {"scale": scale, "bias": bias}, "batch_stats": stats},
+                              x, mutable=["batch_stats"])
+            new = upd["batch_stats"]
+        else:
+            y, new = bnjax.batch_norm(x, stats, {"scale": scale, "bias": bias}, training=True,
+                                      mask=mask, virtual_batch_size=ghost)
+        return jnp.sum(y * dy), (y, new)
+
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, spec))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+        (dx, dscale, dbias), (y, new) = grad(xs, scale, bias, stats, mask)
+        assert jax.typeof(y).sharding.spec == jax.typeof(xs).sharding.spec
+    groups = [slice(0, 16)] if ghost is None else [slice(0, 8), slice(8, 16)]
+    parts = [np_bn(x[g], None if mask is None else mask[g], scale, bias, stats["mean"],
+                   stats["var"], dy[g]) for g in groups]
+    ref_y, ref_dx = (np.concatenate([p[i] for p in parts]) for i in (0, 3))
+    close(y, ref_y, what="y")
+    close(dx, ref_dx, 1e-4, what="dx")
+    close(dscale, sum(p[4] for p in parts), 1e-4, what="dscale")
+    close(dbias, sum(p[5] for p in parts), what="dbias")
+    close(new["mean"], np.mean([p[1] for p in parts], 0), what="mean")
+    close(new["var"], np.mean([p[2] for p in parts], 0), what="var")
+    with jax.set_mesh(mesh):
+        m = jax.jit(bnjax.moments)(xs)
+    close(m.mean, x.astype(np.float64).mean(0), what="moments mean")
+    close(m.var, x.astype(np.float64).var(0), what="moments var")
