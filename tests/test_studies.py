@@ -3,6 +3,7 @@ table equals the one recomputed here from the JSON (float64 NumPy), with a verdi
 vmapped training engine trains each run as a plain loop would; the studies' network computes
 what the zoo's CNN1D computes; the verdicts follow the numbers."""
 
+import contextlib
 import json
 import os
 import re
@@ -32,23 +33,54 @@ STATUS = re.compile(r"^Verdict: (confirmed|partly confirmed|not confirmed|neithe
 # The quick runs are tiny: compiling them is most of their time, and XLA's optimizations
 # (and its CPU fusion emitters) cost more to compile than they save on runs this small. Only
 # the compiler's settings change, not what the command runs.
-FAST_COMPILE = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-                "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
-                             "--xla_cpu_use_fusion_emitters=false".strip()}
+FAST_COMPILE = {
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+    "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
+                           "--xla_cpu_use_fusion_emitters=false"]).strip(),
+}
+
+
+@contextlib.contextmanager
+def _session_folder(tmp_path_factory, name):
+    """``name`` in a folder every xdist worker of this session shares, held exclusively.
+
+    The first worker to get there makes the folder's contents; the others wait, then read
+    them. Without ``fcntl`` (no POSIX locks) each worker gets a folder of its own.
+    """
+    base = tmp_path_factory.getbasetemp()
+    try:
+        import fcntl
+    except ImportError:
+        yield base / name
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above the workers' own
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield base / name
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """All six studies with --quick, in one process (one JAX start, one MNIST-1D)."""
-    out = tmp_path_factory.mktemp("studies")
-    data = tmp_path_factory.mktemp("data")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bnjax_train.studies", "all", "--quick", "--out", str(out),
-         "--data_dir", str(data)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **FAST_COMPILE),
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    """All six studies with --quick, in one process (one JAX start, one MNIST-1D), once per
+    session: tests of this module on other xdist workers read the same files."""
+    with _session_folder(tmp_path_factory, "bnjax_studies_quick") as out:
+        record = out / "process.json"
+        if not record.exists():
+            out.mkdir(exist_ok=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "bnjax_train.studies", "all", "--quick", "--out",
+                 str(out), "--data_dir", str(tmp_path_factory.getbasetemp() / "bnjax_data")],
+                cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **FAST_COMPILE),
+                capture_output=True, text=True, timeout=600)
+            record.write_text(json.dumps({"returncode": proc.returncode,
+                                          "stdout": proc.stdout, "stderr": proc.stderr}))
+        proc = json.loads(record.read_text())
+    assert proc["returncode"] == 0, proc["stderr"][-3000:]
+    return out, proc["stdout"]
 
 
 def _mean_std(values):
