@@ -42,7 +42,7 @@ class PatchConv(nn.Module):
       use_bias: add a learned bias.
 
     Example:
-      >>> x = jax.random.normal(jax.random.key(0), (2, 9, 1))
+      >>> x = jnp.sin(jnp.arange(18.0)).reshape(2, 9, 1)
       >>> conv = nn.Conv(2, (5,), padding="SAME")
       >>> v = conv.init(jax.random.key(1), x)
       >>> bool(jnp.allclose(PatchConv(2, 5).apply(v, x), conv.apply(v, x), atol=1e-5))
