@@ -212,7 +212,7 @@ def run_batch_size(data: Data, settings: Settings, seeds: Sequence[int]) -> dict
       >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
       ...             "reference_batch": 16, "epochs": 1, "min_steps": 2,
       ...             "batch_sizes": [16], "ghost_batch": 16, "norms": ["batch", "ghost"]}
-      >>> out = run_batch_size(toy_data(), settings, [0, 1])  # ghost: 1 ghost batch of 16
+      >>> out = run_batch_size(toy_data(), settings, [0, 1])  # 16 = one ghost batch: skipped
       >>> [(r["config"]["norm"], r["steps"]) for r in out["runs"]], out["skipped"]
       ([('batch', 2.0), ('batch', 2.0)], [{'norm': 'ghost', 'batch_size': 16}])
     """
