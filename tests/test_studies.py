@@ -3,6 +3,7 @@ table equals the one recomputed here from the JSON (float64 NumPy), with a verdi
 vmapped training engine trains each run as a plain loop would; the studies' network computes
 what the zoo's CNN1D computes; the verdicts follow the numbers."""
 
+import contextlib
 import json
 import os
 import re
@@ -29,18 +30,57 @@ STATUS = re.compile(r"^Verdict: (confirmed|partly confirmed|not confirmed|neithe
                     r"conv-ReLU-BN is better|conv-BN-ReLU is better)\b")
 
 
+# The quick runs are tiny: compiling them is most of their time, and XLA's optimizations
+# (and its CPU fusion emitters) cost more to compile than they save on runs this small. Only
+# the compiler's settings change, not what the command runs.
+FAST_COMPILE = {
+    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
+    "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
+                           "--xla_cpu_use_fusion_emitters=false"]).strip(),
+}
+
+
+@contextlib.contextmanager
+def _session_folder(tmp_path_factory, name):
+    """``name`` in a folder every xdist worker of this session shares, held exclusively.
+
+    The first worker to get there makes the folder's contents; the others wait, then read
+    them. Without ``fcntl`` (no POSIX locks) each worker gets a folder of its own.
+    """
+    base = tmp_path_factory.getbasetemp()
+    try:
+        import fcntl
+    except ImportError:
+        yield base / name
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above the workers' own
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield base / name
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """All six studies with --quick, in one process (one JAX start, one MNIST-1D)."""
-    out = tmp_path_factory.mktemp("studies")
-    data = tmp_path_factory.mktemp("data")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bnjax_train.studies", "all", "--quick", "--out", str(out),
-         "--data_dir", str(data)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-        timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    """All six studies with --quick, in one process (one JAX start, one MNIST-1D), once per
+    session: tests of this module on other xdist workers read the same files."""
+    with _session_folder(tmp_path_factory, "bnjax_studies_quick") as out:
+        record = out / "process.json"
+        if not record.exists():
+            out.mkdir(exist_ok=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "bnjax_train.studies", "all", "--quick", "--out",
+                 str(out), "--data_dir", str(tmp_path_factory.getbasetemp() / "bnjax_data")],
+                cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **FAST_COMPILE),
+                capture_output=True, text=True, timeout=600)
+            record.write_text(json.dumps({"returncode": proc.returncode,
+                                          "stdout": proc.stdout, "stderr": proc.stderr}))
+        proc = json.loads(record.read_text())
+    assert proc["returncode"] == 0, proc["stderr"][-3000:]
+    return out, proc["stdout"]
 
 
 def _mean_std(values):
@@ -237,15 +277,28 @@ def test_metrics_against_float64_references():
 
 def test_study_network_computes_what_the_zoo_cnn1d_computes():
     kw = {"features": (4, 6, 8), "pool_after": (1,), "hidden": 5}
-    x = jax.random.normal(jax.random.key(0), (6, 20))
-    zoo = CNN1D(**kw)
-    variables = zoo.init(jax.random.key(1), x, training=False)
+    x = np.random.default_rng(0).normal(size=(6, 20)).astype(np.float32)
+    zoo, study = CNN1D(**kw), StudyCNN1D(**kw)
     rename = lambda tree: {k.replace("Conv_", "PatchConv_"): v for k, v in tree.items()}  # noqa: E731
+    shapes = jax.eval_shape(lambda: zoo.init(jax.random.key(1), x, training=False))
+    # The same variables (names aside), shapes and dtypes.
+    assert jax.eval_shape(lambda: study.init(jax.random.key(1), x, training=False)) == {
+        k: rename(v) for k, v in shapes.items()}
+    rng = np.random.default_rng(1)  # any values (variances positive): the same function
+
+    def draw(path, a):
+        low = 0.5 if jax.tree_util.keystr(path).endswith("['var']") else -1.0
+        return rng.uniform(low, 2.0, size=a.shape).astype(a.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(draw, shapes)
     ours = {k: rename(v) for k, v in variables.items()}
-    study = StudyCNN1D(**kw)
-    for training in (False, True):
-        want = zoo.apply(variables, x, training=training, mutable=["batch_stats"])
-        got = study.apply(ours, x, training=training, mutable=["batch_stats"])
+
+    def both_modes(model):  # one compiled program per network
+        return jax.jit(lambda v, x: [model.apply(v, x, training=t, mutable=["batch_stats"])
+                                     for t in (False, True)])
+
+    for got, want in zip(both_modes(study)(ours, x), both_modes(zoo)(variables, x), strict=True):
+        assert np.isfinite(want[0]).all()
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
         assert jax.tree.structure(got[1]) == jax.tree.structure(want[1])
         for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
@@ -253,35 +306,44 @@ def test_study_network_computes_what_the_zoo_cnn1d_computes():
 
 
 def test_vmapped_runs_train_as_a_plain_loop_would():
-    rng = np.random.default_rng(0)
-    data = Data(rng.normal(size=(48, 6)).astype(np.float32), rng.integers(0, 3, 48),
-                rng.normal(size=(20, 6)).astype(np.float32), rng.integers(0, 3, 20), 3)
-    model = create_model("mlp", num_classes=3, hidden=(8,))
+    # The model, recipe and training shapes of engine.train_runs's example: in one process
+    # both train with the same compiled epoch.
+    n, rng = 32, np.random.default_rng(0)
+    data = Data(rng.normal(size=(n, 40)).astype(np.float32), rng.integers(0, 10, n),
+                rng.normal(size=(20, 40)).astype(np.float32), rng.integers(0, 10, 20), 10)
+    model = create_model("mlp", num_classes=10, hidden=(4,))
     seeds, lrs, epochs, batch = [3, 7], [0.05, 0.5], 2, 16
     runs = train_runs(model, data, Recipe(optimizer="momentum", batch_size=batch,
                                           epochs=epochs), seeds, lrs)
-    total = epochs * (48 // batch)
+    total = epochs * (n // batch)
+
+    def sgd(lr):  # the run's own optimizer, its learning rate a traced value in `step`
+        return optax.sgd(lambda t: lr * 0.5 * (1 + jnp.cos(jnp.pi * t / total)), momentum=0.9)
+
+    @jax.jit  # one step of one run: compiled once, for both runs
+    def step(params, stats, opt, x, y, lr):
+        def loss(p):
+            logits, upd = model.apply({"params": p, "batch_stats": stats}, x, training=True,
+                                      mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd[
+                "batch_stats"]
+
+        (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt = sgd(lr).update(g, opt, params)
+        return optax.apply_updates(params, updates), stats, opt
+
+    init = jax.jit(lambda key: model.init(key, jnp.asarray(data.x_train[:batch]),
+                                          training=False))
     for r, (seed, lr) in enumerate(zip(seeds, lrs, strict=True)):
-        v = model.init(jax.random.key(seed), jnp.asarray(data.x_train[:batch]), training=False)
-        schedule = lambda t, lr=lr: lr * 0.5 * (1 + jnp.cos(jnp.pi * t / total))  # noqa: E731
-        tx = optax.sgd(schedule, momentum=0.9)
-        params, stats, opt = v["params"], v["batch_stats"], None
-        opt = tx.init(params)
+        v = init(jax.random.key(seed))
+        params, stats = v["params"], v["batch_stats"]
+        opt = sgd(lr).init(params)
         for e in range(epochs):
-            perm = np.random.default_rng([seed, e]).permutation(48)
-            for k in range(48 // batch):
+            perm = np.random.default_rng([seed, e]).permutation(n)
+            for k in range(n // batch):
                 idx = perm[k * batch:(k + 1) * batch]
-
-                def loss(p, idx=idx, stats=stats):
-                    logits, upd = model.apply({"params": p, "batch_stats": stats},
-                                              data.x_train[idx], training=True,
-                                              mutable=["batch_stats"])
-                    return optax.softmax_cross_entropy_with_integer_labels(
-                        logits, data.y_train[idx]).mean(), upd["batch_stats"]
-
-                (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
-                updates, opt = tx.update(g, opt, params)
-                params = optax.apply_updates(params, updates)
+                params, stats, opt = step(params, stats, opt, data.x_train[idx],
+                                          data.y_train[idx], lr)
         got = jax.tree.map(lambda a, r=r: a[r], runs.variables)
         want = {"params": params, "batch_stats": stats}
         assert jax.tree.structure(got) == jax.tree.structure(want)

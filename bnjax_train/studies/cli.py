@@ -89,7 +89,8 @@ def run_study(name: str, *, quick: bool, seeds: int, out: Path, data_dir: str,
         "quick": quick, "seeds": list(range(seeds)), "settings": settings,
         "environment": environment()}
     t0 = time.perf_counter()
-    data = load_data(settings["dataset"], data_dir, max_train=settings.get("max_train", 0))
+    data = load_data(settings["dataset"], data_dir, max_train=settings.get("max_train", 0),
+                     max_test=settings.get("max_test", 0))
     results = _runner(name)(data, settings, meta["seeds"])
     results["num_classes"] = data.num_classes
     meta["seconds"] = time.perf_counter() - t0

@@ -150,9 +150,14 @@ class Runs:
     seconds: float
 
 
-def _epoch_fn(model: nn.Module, recipe: Recipe, total_steps: int,
-              tx: optax.GradientTransformation) -> Callable[..., Any]:
-    """The compiled epoch: ``lax.scan`` over the steps of ``vmap`` over the runs."""
+@functools.lru_cache(maxsize=32)
+def _epoch_fn(model: nn.Module, recipe: Recipe, total_steps: int) -> Callable[..., Any]:
+    """The compiled epoch: ``lax.scan`` over the steps of ``vmap`` over the runs.
+
+    One per model, recipe and run length (modules and recipes hash by their fields): runs of
+    the same model and recipe in another call reuse its compiled program.
+    """
+    tx = OPTIMIZERS[recipe.optimizer]()
 
     def one_step(params, stats, opt_state, lr, key, x, y, step):
         def loss_fn(p):
@@ -194,13 +199,12 @@ def predict(model: nn.Module, variables: Any, x: np.ndarray, chunk: int = 1000) 
 
     Example:
       >>> import flax.linen as nn
-      >>> v = jax.vmap(lambda k: nn.Dense(3).init(k, jnp.ones((1, 2))))(
-      ...     jax.random.split(jax.random.key(0), 4))
       >>> class Net(nn.Module):
       ...     @nn.compact
       ...     def __call__(self, x, training):
       ...         return nn.Dense(3)(x)
-      >>> predict(Net(), {"params": {"Dense_0": v["params"]}}, np.ones((5, 2))).shape
+      >>> four = {"params": {"Dense_0": {"kernel": np.ones((4, 2, 3)), "bias": np.zeros((4, 3))}}}
+      >>> predict(Net(), four, np.ones((5, 2))).shape  # 4 runs, 5 examples, 3 logits
       (4, 5, 3)
     """
     fn = _predict_fn(model)
@@ -257,11 +261,9 @@ def train_runs(
 
     Example:
       >>> from bnjax_train.models import create_model
-      >>> rng = np.random.default_rng(0)
-      >>> data = Data(rng.normal(size=(64, 8)).astype(np.float32), rng.integers(0, 2, 64),
-      ...             rng.normal(size=(16, 8)).astype(np.float32), rng.integers(0, 2, 16), 2)
-      >>> model = create_model("mlp", num_classes=2, hidden=(8,))
-      >>> runs = train_runs(model, data, Recipe(batch_size=16, epochs=2), [0, 1], [1e-3, 1e-2])
+      >>> model = create_model("mlp", num_classes=10, hidden=(4,))
+      >>> recipe = Recipe(optimizer="momentum", batch_size=16, epochs=2)
+      >>> runs = train_runs(model, toy_data(), recipe, [0, 1], [0.05, 0.5])
       >>> runs.test_accuracy.shape, runs.nonfinite.tolist()
       ((2, 2), [False, False])
     """
@@ -283,7 +285,7 @@ def train_runs(
              jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys),  # dropout draws
              jnp.asarray(data.x_train), jnp.asarray(data.y_train))
     t1 = time.perf_counter()
-    epoch_fn = _epoch_fn(model, recipe, recipe.epochs * steps, tx).lower(
+    epoch_fn = _epoch_fn(model, recipe, recipe.epochs * steps).lower(
         *carry, *fixed, jnp.asarray(_shuffles(seeds, 0, n, batch)), 0).compile()
     compile_seconds = time.perf_counter() - t1
     acc, losses, extra = [], [], {}

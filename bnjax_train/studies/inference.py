@@ -119,9 +119,9 @@ def run_mcbn(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[str, 
       >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
       ...             "batch_size": 16, "epochs": 1,
       ...             "mc_batch_sizes": [4], "num_samples": 2}
-      >>> out = run_mcbn(toy_data(), settings, [0])
+      >>> out = run_mcbn(toy_data(), settings, [0, 1])
       >>> [e["config"]["inference"] for e in out["evaluations"]]
-      ['plain', 'mcbn']
+      ['plain', 'plain', 'mcbn', 'mcbn']
     """
     model = make_model(settings, data.num_classes, norm="batch")
     runs = train_runs(model, data, make_recipe(settings), list(seeds),

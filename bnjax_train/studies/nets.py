@@ -42,10 +42,10 @@ class PatchConv(nn.Module):
       use_bias: add a learned bias.
 
     Example:
-      >>> x = jax.random.normal(jax.random.key(0), (2, 9, 3))
-      >>> conv = nn.Conv(4, (5,), padding="SAME")
+      >>> x = jnp.sin(jnp.arange(18.0)).reshape(2, 9, 1)
+      >>> conv = nn.Conv(2, (5,), padding="SAME")
       >>> v = conv.init(jax.random.key(1), x)
-      >>> bool(jnp.allclose(PatchConv(4, 5).apply(v, x), conv.apply(v, x), atol=1e-5))
+      >>> bool(jnp.allclose(PatchConv(2, 5).apply(v, x), conv.apply(v, x), atol=1e-5))
       True
     """
 
@@ -83,7 +83,7 @@ class StudyCNN1D(nn.Module):
       dropout: dropout rate before each dense layer (0: none); draws from ``"dropout"``.
 
     Example:
-      >>> model = StudyCNN1D(features=(4, 4), pool_after=(0,), hidden=8, placement="after")
+      >>> model = StudyCNN1D(features=(2,), hidden=4, placement="after")
       >>> x = jnp.ones((3, 40))
       >>> v = model.init(jax.random.key(0), x, training=False)
       >>> model.apply(v, x, training=False).shape

@@ -105,15 +105,13 @@ def run_learning_rate(data: Data, settings: Settings, seeds: Sequence[int]) -> d
     """With and without BN, every learning rate: all seeds and rates of a norm train together.
 
     Example:
-      >>> settings = {"features": [4], "hidden": 8, "norms": ["batch"],
-      ...             "learning_rates": [0.01, 0.1], "optimizer": "momentum",
+      >>> from bnjax_train.studies.engine import toy_data
+      >>> settings = {"features": [2], "hidden": 4, "norms": ["batch"],
+      ...             "learning_rates": [1e-3, 1e-2], "optimizer": "adam",
       ...             "batch_size": 16, "epochs": 1}
-      >>> rng = np.random.default_rng(0)
-      >>> data = Data(rng.normal(size=(32, 40)).astype(np.float32), rng.integers(0, 10, 32),
-      ...             rng.normal(size=(8, 40)).astype(np.float32), rng.integers(0, 10, 8), 10)
-      >>> out = run_learning_rate(data, settings, [0, 1])
-      >>> len(out["runs"]), out["runs"][3]["config"]
-      (4, {'norm': 'batch', 'learning_rate': 0.1})
+      >>> out = run_learning_rate(toy_data(), settings, [0])
+      >>> len(out["runs"]), out["runs"][1]["config"]
+      (2, {'norm': 'batch', 'learning_rate': 0.01})
     """
     out, all_runs = [], []
     for norm in settings["norms"]:
@@ -166,8 +164,8 @@ def run_dropout(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[st
       >>> from bnjax_train.studies.engine import toy_data
       >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
       ...             "batch_size": 16, "epochs": 1,
-      ...             "configs": [{"norm": "none", "dropout": 0.5}]}
-      >>> out = run_dropout(toy_data(), settings, [0])
+      ...             "configs": [{"norm": "batch", "dropout": 0.0}]}  # BN, no dropout
+      >>> out = run_dropout(toy_data(), settings, [0, 1])
       >>> 0.0 <= out["runs"][0]["train_accuracy"] <= 1.0
       True
     """
@@ -212,11 +210,11 @@ def run_batch_size(data: Data, settings: Settings, seeds: Sequence[int]) -> dict
     Example:
       >>> from bnjax_train.studies.engine import toy_data
       >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
-      ...             "reference_batch": 16, "epochs": 1, "min_steps": 4,
-      ...             "batch_sizes": [8], "ghost_batch": 4, "norms": ["ghost", "group1"]}
-      >>> out = run_batch_size(toy_data(), settings, [0])
+      ...             "reference_batch": 16, "epochs": 1, "min_steps": 2,
+      ...             "batch_sizes": [16], "ghost_batch": 16, "norms": ["batch", "ghost"]}
+      >>> out = run_batch_size(toy_data(), settings, [0, 1])  # 16 = one ghost batch: skipped
       >>> [(r["config"]["norm"], r["steps"]) for r in out["runs"]], out["skipped"]
-      ([('ghost', 4.0), ('group1', 4.0)], [])
+      ([('batch', 2.0), ('batch', 2.0)], [{'norm': 'ghost', 'batch_size': 16}])
     """
     out, all_runs, skipped = [], [], []
     ghost = int(settings["ghost_batch"])
