@@ -19,8 +19,10 @@ def _env():
 
 def test_dry_run_goes_through_every_step(tmp_path):
     out = tmp_path / "gpu_check.json"
+    # PYTHON: this interpreter, whether or not its environment is activated (on PATH).
+    env = {**_env(), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh"), "--dry-run",
-                           "--out", str(out)], cwd=REPO, env=_env(), capture_output=True,
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
