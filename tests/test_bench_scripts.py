@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from caches import compile_cache_env
 from processes import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -22,11 +23,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     ("sync", ["devices", "ratio_sync_over_local", "results"]),
     ("parallel", ["devices", "ratio_to_pmap_sync", "results"]),
 ])
-def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
+def test_benchmark_script_quick_run_writes_json(tmp_path, tmp_path_factory, script, keys):
     # fold writes to its default --out (under bench_results/ of the current directory).
     out = tmp_path / ("bench_results/fold.json" if script == "fold" else "out.json")
     extra = [] if script == "fold" else ["--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT)) if script == "sync" else one_device_env()
+    cache = compile_cache_env(tmp_path_factory)
+    env = (dict(os.environ, PYTHONPATH=str(ROOT), **cache) if script == "sync"
+           else one_device_env(**cache))
     proc = subprocess.run([sys.executable, "-m", "benchmarks", script, "--quick", *extra],
                           cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -48,12 +51,19 @@ def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
         assert data["devices"] == 8
 
 
-def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(tmp_path):
+def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(
+        tmp_path, tmp_path_factory):
+    # The config's data_dir "data": this worker's MNIST-1D cache (as in test_train.py).
+    data = tmp_path_factory.getbasetemp() / "bnjax_data"
+    data.mkdir(exist_ok=True)
+    (tmp_path / "data").symlink_to(data, target_is_directory=True)
+    env = one_device_env(**compile_cache_env(tmp_path_factory))
+
     def run(*extra):
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks", "inference_eval", "--config",
              "configs/tiny.py", "--num_samples", "2", *extra],
-            cwd=tmp_path, env=one_device_env(), capture_output=True, text=True, timeout=300)
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout
 
