@@ -20,14 +20,25 @@ def session_dir(tmp_path_factory, name: str) -> Path:
     return path
 
 
-def compile_cache_env(tmp_path_factory) -> dict[str, str]:
-    """Environment variables that give a subprocess the session's JAX compilation cache.
+#: XLA flag of the benchmark smoke tests: no LLVM optimization of the compiled code, which
+#: roughly halves their compile times. Their figures mean nothing anyway (``--quick``,
+#: ``--dry-run``, the tiny training config), and what they check (the tables, the JSON,
+#: folded against unfolded outputs to 1e-5) does not depend on it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
 
-    Every benchmark subprocess of the session reads and writes it: the quick step benchmark
-    and the GPU check's dry run compile the same op and model steps, the ``parallel`` quick
-    run the ``sync`` one's pmap steps, a second training run the first one's steps.
+
+def smoke_test_env(tmp_path_factory, env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a benchmark smoke-test subprocess: the session's compilation cache and
+    :data:`FAST_COMPILE` (added to its ``XLA_FLAGS``).
+
+    Every benchmark subprocess of the session reads and writes the cache: the quick step
+    benchmark and the GPU check's dry run compile the same op and model steps, the
+    ``parallel`` quick run the ``sync`` one's pmap steps, a second training run the first
+    one's steps.
     """
-    return {"JAX_COMPILATION_CACHE_DIR": str(session_dir(tmp_path_factory, "bnjax_bench_cache")),
+    flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), FAST_COMPILE) if f)
+    cache = session_dir(tmp_path_factory, "bnjax_bench_cache")
+    return {**env, "XLA_FLAGS": flags, "JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 

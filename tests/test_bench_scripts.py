@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from caches import compile_cache_env
+from caches import smoke_test_env
 from processes import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,9 +27,8 @@ def test_benchmark_script_quick_run_writes_json(tmp_path, tmp_path_factory, scri
     # fold writes to its default --out (under bench_results/ of the current directory).
     out = tmp_path / ("bench_results/fold.json" if script == "fold" else "out.json")
     extra = [] if script == "fold" else ["--out", str(out)]
-    cache = compile_cache_env(tmp_path_factory)
-    env = (dict(os.environ, PYTHONPATH=str(ROOT), **cache) if script == "sync"
-           else one_device_env(**cache))
+    env = smoke_test_env(tmp_path_factory, dict(os.environ, PYTHONPATH=str(ROOT))
+                         if script == "sync" else one_device_env())
     proc = subprocess.run([sys.executable, "-m", "benchmarks", script, "--quick", *extra],
                           cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -57,7 +56,7 @@ def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(
     data = tmp_path_factory.getbasetemp() / "bnjax_data"
     data.mkdir(exist_ok=True)
     (tmp_path / "data").symlink_to(data, target_is_directory=True)
-    env = one_device_env(**compile_cache_env(tmp_path_factory))
+    env = smoke_test_env(tmp_path_factory, one_device_env())
 
     def run(*extra):
         proc = subprocess.run(
