@@ -72,6 +72,12 @@ def _init(model, x, seed, **call_kwargs):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def _ones_init(model, *args):
+    """Variables of ``model.init(key, *args)`` holding ones (no initializer is compiled)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
+    return jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+
+
 def _normal(seed, shape, loc=0.0, scale=1.0):
     """A float32 input drawn with NumPy (``jax.random`` would compile anew for every shape)."""
     rng = np.random.default_rng(seed)
@@ -367,7 +373,7 @@ def test_precise_batch_stats_errors():
     with pytest.raises(ValueError, match="training mode"):
         bnjax.precise_batch_stats(model, variables, xs, call_kwargs={"training": True})
     seq = nn.Sequential([nn.Dense(2), bnjax.BatchNorm(use_running_average=True)])
-    seq_vars = seq.init(jax.random.key(0), jnp.ones((1, 3)))
+    seq_vars = _ones_init(seq, jnp.ones((1, 3)))
     with pytest.raises(ValueError, match="more than one value"):
         bnjax.precise_batch_stats(seq, seq_vars, [jnp.ones((1, 3))], unbiased=True,
                                   call_kwargs={})
@@ -431,7 +437,7 @@ def test_mc_batch_norm_errors():
         bnjax.mc_batch_norm_predict(model, variables, train[0], train, rng="seed")
     with pytest.raises(ValueError, match="no batch-norm layer"):
         plain = nn.Dense(2)
-        pv = plain.init(jax.random.key(0), jnp.ones((2, 3)))
+        pv = _ones_init(plain, jnp.ones((2, 3)))
         bnjax.mc_batch_norm_predict(plain, {**pv, "batch_stats": {"x": jnp.ones(2)}},
                                     jnp.ones((2, 3)), [jnp.ones((2, 3))], call_kwargs={})
 
