@@ -72,7 +72,8 @@ def _fold(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str
     from benchmarks import fold
 
     meta = common.run_metadata("fold", args.argv, quick=args.quick)
-    r = fold.run(args.batch, args.size, args.reps, args.warmup, eager=args.eager)
+    r = fold.run(args.batch, args.size, args.reps, args.warmup, eager=args.eager,
+                 quick=args.quick)
     return {"meta": meta, **r, "quick": args.quick}
 
 
@@ -86,7 +87,7 @@ def _sync(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str
     meta = common.run_metadata(args.command, args.argv, quick=args.quick)
     run = sync.run if args.command == "sync" else sync.run_parallel
     r = run(per_device=args.per_device, length=args.length, steps=args.steps,
-            warmup=args.warmup, seed=args.seed)
+            warmup=args.warmup, seed=args.seed, quick=args.quick)
     return {"meta": meta, **r, "quick": args.quick}
 
 
@@ -154,7 +155,8 @@ def _add_others(sub: Any) -> None:
         s.add_argument("--steps", type=int, default=30, help="timed steps per variant (>= 20)")
         s.add_argument("--warmup", type=int, default=3)
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--quick", action="store_true", help="smoke test: 3 steps, meaningless")
+        s.add_argument("--quick", action="store_true",
+                       help="smoke test: a tiny net, 3 steps; figures meaningless")
         s.add_argument("--out", metavar="FILE",
                        help=f"JSON file (default bench_results/{name}.json)")
     e = sub.add_parser("inference_eval", help="PreciseBN, MCBN and folding on a trained model")

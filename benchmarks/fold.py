@@ -10,6 +10,10 @@ Both variants are jitted and compiled ahead of time; then the two are timed in o
 interleaved (alternating which goes first), for ``--reps`` runs after ``--warmup`` runs each.
 The table gives the median, quartiles and images per second; the ratio is the unfolded median
 over the folded one. Runs on the CPU unless ``JAX_PLATFORMS`` says otherwise.
+
+``--quick`` draws the input and the variables with NumPy (``common.init_variables``): compiling
+JAX's random-number code for ResNet-20's initializers takes longer than the rest of the smoke
+test.
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
-from benchmarks.common import quantiles
+from benchmarks.common import init_variables, quantiles
 from bnjax_train.models import create_model
 
 __all__ = ["run"]
 
 
-def _random_variables(model: Any, x: jax.Array, seed: int) -> dict[str, Any]:
+def _random_variables(model: Any, x: jax.Array, seed: int, quick: bool) -> dict[str, Any]:
     """Initialized variables with random (trained-looking) batch-norm statistics and affine."""
-    variables = jax.jit(lambda k: model.init(k, x, training=False))(jax.random.key(seed))
+    if quick:
+        variables = init_variables(model, x)
+    else:
+        variables = jax.jit(lambda k: model.init(k, x, training=False))(jax.random.key(seed))
     rng = np.random.default_rng(seed)
 
     def draw(path: Any, leaf: jax.Array) -> jax.Array:
@@ -48,8 +55,10 @@ def _random_variables(model: Any, x: jax.Array, seed: int) -> dict[str, Any]:
 
 
 def run(batch: int, size: int, reps: int, warmup: int, seed: int = 0,
-        eager: bool = False) -> dict[str, Any]:
+        eager: bool = False, quick: bool = False) -> dict[str, Any]:
     """Builds, folds, checks and times ResNet-20; returns the results as a dict.
+
+    ``quick`` draws the input and the variables with NumPy (see the module docstring).
 
     Example:
       >>> r = run(batch=2, size=8, reps=1, warmup=0)  # doctest: +SKIP
@@ -57,8 +66,12 @@ def run(batch: int, size: int, reps: int, warmup: int, seed: int = 0,
       19
     """
     model = create_model("resnet20", num_classes=10)
-    x = jax.random.normal(jax.random.key(seed + 1), (batch, size, size, 3), jnp.float32)
-    variables = _random_variables(model, x, seed)
+    shape = (batch, size, size, 3)
+    if quick:
+        x = jnp.asarray(np.random.default_rng(seed + 1).normal(size=shape), jnp.float32)
+    else:
+        x = jax.random.normal(jax.random.key(seed + 1), shape, jnp.float32)
+    variables = _random_variables(model, x, seed, quick)
     t0 = time.perf_counter()
     folded, fvars = bnjax.fold_batch_norm(model, variables, x)
     fold_s = time.perf_counter() - t0

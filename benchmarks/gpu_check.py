@@ -4,6 +4,7 @@ Command (from the repository root)::
 
     bash benchmarks/gpu_check.sh                 # on the GPU machine, under 8 minutes
     bash benchmarks/gpu_check.sh --dry-run       # anywhere: the same pipeline, tiny, on CPU
+    PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --dry-run   # that interpreter
 
 Steps, all written to one results JSON (default ``bench_results/gpu_check.json``):
 

@@ -25,11 +25,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import bnjax
-from benchmarks.common import compile_fn, median_times, peak_memory
+from benchmarks.common import compile_fn, init_variables, median_times, peak_memory
 from bnjax_train import models
 
 __all__ = ["MODELS", "NORMS", "run"]
@@ -75,28 +74,6 @@ def _flax_norm() -> Iterator[None]:
         models.make_norm = original
 
 
-def _init_variables(model: nn.Module, x: jax.Array) -> Any:
-    """He-normal kernels, unit scales and variances, zero biases and means.
-
-    ``model.init`` would compile the initializers' random-number code, op by op, which takes
-    longer than compiling the train step; values drawn with NumPy into the shapes that
-    ``jax.eval_shape`` reports serve the timing as well, identically for every variant.
-    """
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, training=False))
-    rng = np.random.default_rng(0)
-
-    def fill(path: Any, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        name = getattr(path[-1], "key", str(path[-1]))
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
-        if name in ("scale", "var"):
-            return jnp.ones(leaf.shape, leaf.dtype)
-        return jnp.zeros(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 #: The models of the train-step table: (zoo name, input shape without the batch, batch).
 MODELS: dict[str, tuple[tuple[int, ...], int]] = {"resnet20": ((32, 32, 3), 128),
                                                   "cnn1d": ((40,), 100)}
@@ -134,7 +111,7 @@ def _build(variant: str, name: str, batch: int, blocks: int, dtype: Any = jnp.fl
     kw = {"blocks_per_stage": blocks} if name == "resnet20" else {}
     with ctx:
         model = models.create_model(name, num_classes=10, norm=norm, **kw)
-        variables = _init_variables(model, x)
+        variables = init_variables(model, x)
         state = bnjax.TrainState.create(
             apply_fn=_compute_in(dtype, model.apply), params=variables["params"],
             batch_stats=variables.get("batch_stats", {}), tx=optax.sgd(0.1, momentum=0.9))

@@ -5,7 +5,7 @@ Commands (from the repository root)::
     python -m benchmarks sync                 # pmap: cnn1d, 8 x 16 examples, 30 steps
     python -m benchmarks sync --steps 40 --out benchmarks/results/sync_bench.json
     python -m benchmarks parallel             # mesh (jit, shard_map) and pmap, sync and local
-    python -m benchmarks sync --quick         # smoke test: few steps, meaningless
+    python -m benchmarks sync --quick         # smoke test: tiny net, few steps, meaningless
 
 The model is the project's default MNIST-1D conv net (``create_model("cnn1d")``: 4 conv + 1
 dense layer, each followed by ``bnjax.BatchNorm``), 16 examples of length 40 per device.
@@ -27,6 +27,10 @@ rotates from one round to the next), for ``--steps`` steps each; the tables give
 quartiles. The 8 devices are forced with ``--xla_force_host_platform_device_count=8`` (set by
 ``python -m benchmarks`` before JAX starts) and share the host's cores, so the figures are the
 cost of the collectives on a CPU, not on accelerators.
+
+``--quick`` runs every variant on a tiny net (:data:`QUICK_MODEL`: one conv and one dense
+layer of 8 channels) with variables drawn by NumPy (``common.init_variables``), so that the
+smoke test compiles in seconds.
 """
 
 from __future__ import annotations
@@ -42,12 +46,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
-from benchmarks.common import quantiles
+from benchmarks.common import init_variables, quantiles
 from bnjax_train.models import create_model
 
-__all__ = ["PARALLEL_VARIANTS", "run", "run_parallel"]
+__all__ = ["PARALLEL_VARIANTS", "QUICK_MODEL", "run", "run_parallel"]
 
 MODEL = "cnn1d (4 conv + 1 dense, 5 bnjax.BatchNorm)"
+#: The net of ``--quick``: its description and its ``create_model("cnn1d", ...)`` arguments.
+QUICK_MODEL = ("cnn1d, quick: 1 conv + 1 dense of 8 channels, 2 bnjax.BatchNorm",
+               {"features": (8,), "pool_after": (), "hidden": 8})
 #: The variants of ``python -m benchmarks parallel``: name -> (BN axis_name, step kwargs).
 PARALLEL_VARIANTS: dict[str, tuple[str | None, str]] = {
     "mesh, jax.jit (global BN)": (None, "mesh"),
@@ -58,9 +65,13 @@ PARALLEL_VARIANTS: dict[str, tuple[str | None, str]] = {
 }
 
 
-def _state(axis_name: str | None, x: np.ndarray, seed: int) -> bnjax.TrainState:
-    model = create_model("cnn1d", num_classes=10, axis_name=axis_name)
-    v = model.init(jax.random.key(seed), x[:2], training=False)
+def _state(axis_name: str | None, x: np.ndarray, seed: int, quick: bool) -> bnjax.TrainState:
+    if quick:
+        model = create_model("cnn1d", num_classes=10, axis_name=axis_name, **QUICK_MODEL[1])
+        v = init_variables(model, x[:2])
+    else:
+        model = create_model("cnn1d", num_classes=10, axis_name=axis_name)
+        v = model.init(jax.random.key(seed), x[:2], training=False)
     return bnjax.TrainState.create(apply_fn=model.apply, params=v["params"],
                                    batch_stats=v["batch_stats"], tx=optax.sgd(0.01))
 
@@ -97,15 +108,19 @@ def _data(per_device: int, length: int, seed: int) -> dict[str, np.ndarray]:
             "y": rng.integers(0, 10, size=(n, per_device)).astype(np.int32)}
 
 
-def _facts(per_device: int, length: int, steps: int, warmup: int) -> dict[str, Any]:
+def _facts(per_device: int, length: int, steps: int, warmup: int,
+           quick: bool) -> dict[str, Any]:
     n = jax.local_device_count()
-    return {"model": MODEL, "devices": n, "per_device_batch": per_device,
-            "global_batch": n * per_device, "length": length, "steps": steps, "warmup": warmup}
+    return {"model": QUICK_MODEL[0] if quick else MODEL, "devices": n,
+            "per_device_batch": per_device, "global_batch": n * per_device, "length": length,
+            "steps": steps, "warmup": warmup}
 
 
 def run(*, per_device: int = 16, length: int = 40, steps: int = 30, warmup: int = 3,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Times pmap steps with synchronized and local BN, interleaved; the figures as a dict.
+
+    ``quick`` times the tiny net of :data:`QUICK_MODEL` instead (a smoke test).
 
     Example:
       >>> r = run(per_device=2, steps=1, warmup=0)  # doctest: +SKIP
@@ -113,19 +128,19 @@ def run(*, per_device: int = 16, length: int = 40, steps: int = 30, warmup: int 
       ['local', 'sync']
     """
     batch = _data(per_device, length, seed)
-    variants = {name: [bnjax.replicate(_state(axis, batch["x"][0], seed)),
+    variants = {name: [bnjax.replicate(_state(axis, batch["x"][0], seed, quick)),
                        bnjax.make_train_step(data_parallel=True), batch]
                 for name, axis in (("sync", "batch"), ("local", None))}
     stats = _time_interleaved(variants, steps, warmup)
-    return {"benchmark": "sync_bench", **_facts(per_device, length, steps, warmup),
+    return {"benchmark": "sync_bench", **_facts(per_device, length, steps, warmup, quick),
             "results": stats,
             "ratio_sync_over_local": stats["sync"]["median_ms"] / stats["local"]["median_ms"]}
 
 
 def _placed(kind: str, axis_name: str | None, batch: dict[str, np.ndarray], seed: int,
-            mesh: jax.sharding.Mesh) -> list[Any]:
+            mesh: jax.sharding.Mesh, quick: bool) -> list[Any]:
     """``[state, step, batch]`` of one variant, the state and the batch on the devices."""
-    state = _state(axis_name, batch["x"][0], seed)
+    state = _state(axis_name, batch["x"][0], seed, quick)
     if kind == "pmap":
         devices = jax.sharding.Mesh(np.array(jax.local_devices()), ("devices",))
         split = NamedSharding(devices, P("devices"))
@@ -137,8 +152,10 @@ def _placed(kind: str, axis_name: str | None, batch: dict[str, np.ndarray], seed
 
 
 def run_parallel(*, per_device: int = 16, length: int = 40, steps: int = 30, warmup: int = 3,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Times the train step on a mesh (jit, shard_map) and under pmap, interleaved.
+
+    ``quick`` times the tiny net of :data:`QUICK_MODEL` instead (a smoke test).
 
     Returns:
       The figures as a dict; ``results`` maps each of :data:`PARALLEL_VARIANTS` to its
@@ -151,9 +168,9 @@ def run_parallel(*, per_device: int = 16, length: int = 40, steps: int = 30, war
     """
     batch = _data(per_device, length, seed)
     mesh = jax.make_mesh((jax.device_count(),), ("batch",))
-    variants = {name: _placed(kind, axis, batch, seed, mesh)
+    variants = {name: _placed(kind, axis, batch, seed, mesh, quick)
                 for name, (axis, kind) in PARALLEL_VARIANTS.items()}
     stats = _time_interleaved(variants, steps, warmup)
     base = stats["pmap, sync BN"]["median_ms"]
-    return {**_facts(per_device, length, steps, warmup), "results": stats,
+    return {**_facts(per_device, length, steps, warmup, quick), "results": stats,
             "ratio_to_pmap_sync": {k: s["median_ms"] / base for k, s in stats.items()}}

@@ -2,12 +2,13 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from caches import smoke_test_env
+from processes import one_device_env
 
 from benchmarks import op
 from benchmarks.report import render_all
@@ -20,8 +21,8 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "step", "--quick", "--out", str(out)],
-        cwd=out.parent, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-        text=True, timeout=600,
+        cwd=out.parent, env=smoke_test_env(tmp_path_factory, one_device_env()),
+        capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

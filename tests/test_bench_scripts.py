@@ -11,9 +11,20 @@ import subprocess
 import sys
 
 import pytest
+from caches import smoke_test_env
 from processes import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+DONE = "=== command done ==="
+#: Runs each argument list of ``argv[1]`` (JSON) as ``python -m benchmarks`` would.
+RUN_COMMANDS = f"""
+import json, sys
+from benchmarks.cli import main
+for argv in json.loads(sys.argv[1]):
+    if main(argv):
+        sys.exit(f"python -m benchmarks {{' '.join(argv)}} failed")
+    print({DONE!r}, flush=True)
+"""
 
 
 @pytest.mark.parametrize("script,keys", [
@@ -22,11 +33,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     ("sync", ["devices", "ratio_sync_over_local", "results"]),
     ("parallel", ["devices", "ratio_to_pmap_sync", "results"]),
 ])
-def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
+def test_benchmark_script_quick_run_writes_json(tmp_path, tmp_path_factory, script, keys):
     # fold writes to its default --out (under bench_results/ of the current directory).
     out = tmp_path / ("bench_results/fold.json" if script == "fold" else "out.json")
     extra = [] if script == "fold" else ["--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT)) if script == "sync" else one_device_env()
+    env = smoke_test_env(tmp_path_factory, dict(os.environ, PYTHONPATH=str(ROOT))
+                         if script == "sync" else one_device_env())
     proc = subprocess.run([sys.executable, "-m", "benchmarks", script, "--quick", *extra],
                           cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -48,18 +60,22 @@ def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
         assert data["devices"] == 8
 
 
-def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(tmp_path):
-    def run(*extra):
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks", "inference_eval", "--config",
-             "configs/tiny.py", "--num_samples", "2", *extra],
-            cwd=tmp_path, env=one_device_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout
-
-    run()
-    stdout = run("--num_epochs", "1")  # after the default run: no collision
-    assert "| statistics | test accuracy |" in stdout
+def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(
+        tmp_path, tmp_path_factory):
+    # The config's data_dir "data": this worker's MNIST-1D cache (as in test_train.py).
+    data = tmp_path_factory.getbasetemp() / "bnjax_data"
+    data.mkdir(exist_ok=True)
+    (tmp_path / "data").symlink_to(data, target_is_directory=True)
+    # Both commands in one process (what `python -m benchmarks` runs, twice): one start-up.
+    base = ["inference_eval", "--config", "configs/tiny.py", "--num_samples", "2"]
+    commands = [base, base + ["--num_epochs", "1"]]  # the second after the default run
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_COMMANDS, json.dumps(commands)], cwd=tmp_path,
+        env=smoke_test_env(tmp_path_factory, one_device_env()), capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stdout = proc.stdout.split(DONE)
+    assert len(stdout) == 3 and "| statistics | test accuracy |" in stdout[1]  # no collision
     runs = tmp_path / "runs" / "inference_eval"
     assert sorted(p.name for p in runs.iterdir()) == ["tiny", "tiny_1ep"]
     for name, epochs, steps in (("tiny", 2, 8), ("tiny_1ep", 1, 4)):

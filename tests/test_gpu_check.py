@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from caches import smoke_test_env
+
 from benchmarks import report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,10 +19,12 @@ def _env():
     return env
 
 
-def test_dry_run_goes_through_every_step(tmp_path):
+def test_dry_run_goes_through_every_step(tmp_path, tmp_path_factory):
     out = tmp_path / "gpu_check.json"
+    # PYTHON: this interpreter, whether or not its environment is activated (on PATH).
+    env = {**smoke_test_env(tmp_path_factory, _env()), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu_check.sh"), "--dry-run",
-                           "--out", str(out)], cwd=REPO, env=_env(), capture_output=True,
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())

@@ -10,8 +10,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from caches import compile_cache
 
 import bnjax
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """A persistent XLA cache: the tools jit a new closure per call, so the same small models
+    (StatNet and its variants, folded and unfolded) would otherwise be compiled many times."""
+    with compile_cache(tmp_path_factory.mktemp("jax_cache")) as path:
+        yield path
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.
@@ -63,6 +72,18 @@ def _init(model, x, seed, **call_kwargs):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def _ones_init(model, *args):
+    """Variables of ``model.init(key, *args)`` holding ones (no initializer is compiled)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *args))
+    return jax.tree.map(lambda s: np.ones(s.shape, s.dtype), shapes)
+
+
+def _normal(seed, shape, loc=0.0, scale=1.0):
+    """A float32 input drawn with NumPy (``jax.random`` would compile anew for every shape)."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray((loc + scale * rng.normal(size=shape)).astype(np.float32))
+
+
 def _apply(model, variables, x, **kw):
     return jax.jit(lambda v, x: model.apply(v, x, **kw))(variables, x)
 
@@ -108,7 +129,7 @@ HAND_FOLDED = {("Conv_0", "BatchNorm_0"), ("Conv_1", "BatchNorm_1"), ("Conv_2", 
 @pytest.mark.parametrize("kind", ["bnjax", "flax"])
 def test_fold_hand_built_matches_unfolded(kind):
     model = HandNet(kind)
-    x = jax.random.normal(jax.random.key(1), (4, 13, 11, 3)) * 2 + 1
+    x = _normal(1, (4, 13, 11, 3), 1.0, 2.0)
     variables = _init(model, x, 2)
     folded, fv = bnjax.fold_batch_norm(model, variables, x)
     assert set(folded.folded) == HAND_FOLDED
@@ -125,7 +146,7 @@ def test_fold_hand_built_matches_unfolded(kind):
     assert out.dtype == ref.dtype == jnp.float32
     _assert_rel_close(out, ref, 1e-5)
     # The folded model also runs on other shapes (it is not tied to the example input).
-    x2 = jax.random.normal(jax.random.key(3), (2, 9, 9, 3))
+    x2 = _normal(3, (2, 9, 9, 3))
     _assert_rel_close(_apply(folded, fv, x2, training=False),
                       _apply(model, variables, x2, training=False), 1e-5)
 
@@ -155,7 +176,7 @@ def _count_primitive(jaxpr, name):
 
 def test_folded_jaxpr_has_no_batch_norm_arithmetic():
     model = ChainNet()
-    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 3))
+    x = _normal(0, (2, 10, 10, 3))
     variables = _init(model, x, 3)
     folded, fv = bnjax.fold_batch_norm(model, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
     assert len(folded.folded) == 3 and folded.kept == ()
@@ -183,7 +204,7 @@ ZOO = [
 def test_fold_model_zoo(name, norm, shape, num_folded):
     from bnjax_train import models
     model = models.create_model(name, num_classes=10, norm=norm)
-    x = jax.random.normal(jax.random.key(0), shape)
+    x = _normal(0, shape)
     variables = _init(model, x, 4)
     folded, fv = bnjax.fold_batch_norm(model, variables, x)
     num_bn = sum(1 for p in jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0]
@@ -198,7 +219,7 @@ def test_fold_model_zoo(name, norm, shape, num_folded):
 
 def test_folded_model_nested_in_another_module():
     model = ChainNet()
-    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 3))
+    x = _normal(0, (2, 10, 10, 3))
     variables = _init(model, x, 5)
     folded, fv = bnjax.fold_batch_norm(model, variables, x)
 
@@ -288,9 +309,8 @@ def _np_precise(params, old_stats, xs, unbiased):
 
 
 def _stat_data(seed):
-    keys = jax.random.split(jax.random.key(seed), 5)
     sizes = [8, 8, 8, 5, 8]  # one short batch: counts weight the combination
-    return [jax.random.normal(k, (b, 3, 4)) * 3.0 + 40.0 for k, b in zip(keys, sizes, strict=True)]
+    return [_normal((seed, i), (b, 3, 4), 40.0, 3.0) for i, b in enumerate(sizes)]
 
 
 @pytest.mark.parametrize("kind", ["bnjax", "flax"])
@@ -353,7 +373,7 @@ def test_precise_batch_stats_errors():
     with pytest.raises(ValueError, match="training mode"):
         bnjax.precise_batch_stats(model, variables, xs, call_kwargs={"training": True})
     seq = nn.Sequential([nn.Dense(2), bnjax.BatchNorm(use_running_average=True)])
-    seq_vars = seq.init(jax.random.key(0), jnp.ones((1, 3)))
+    seq_vars = _ones_init(seq, jnp.ones((1, 3)))
     with pytest.raises(ValueError, match="more than one value"):
         bnjax.precise_batch_stats(seq, seq_vars, [jnp.ones((1, 3))], unbiased=True,
                                   call_kwargs={})
@@ -382,9 +402,8 @@ def _np_mc(params, train, x):
 
 def test_mc_batch_norm_matches_numpy_reference():
     model = StatNet()
-    train = [jax.random.normal(k, (8, 3, 4)) * 2 + 1 for k in jax.random.split(
-        jax.random.key(3), 6)]
-    x = jax.random.normal(jax.random.key(4), (7, 3, 4)) * 2 + 1
+    train = [_normal((3, i), (8, 3, 4), 1.0, 2.0) for i in range(6)]
+    x = _normal(4, (7, 3, 4), 1.0, 2.0)
     variables = _init(model, x, 8)
     out = bnjax.mc_batch_norm_predict(model, variables, x, train, num_samples=6,
                                       rng=jax.random.key(5), batch_size=3)
@@ -418,7 +437,7 @@ def test_mc_batch_norm_errors():
         bnjax.mc_batch_norm_predict(model, variables, train[0], train, rng="seed")
     with pytest.raises(ValueError, match="no batch-norm layer"):
         plain = nn.Dense(2)
-        pv = plain.init(jax.random.key(0), jnp.ones((2, 3)))
+        pv = _ones_init(plain, jnp.ones((2, 3)))
         bnjax.mc_batch_norm_predict(plain, {**pv, "batch_stats": {"x": jnp.ones(2)}},
                                     jnp.ones((2, 3)), [jnp.ones((2, 3))], call_kwargs={})
 
@@ -429,23 +448,24 @@ def test_mc_batch_norm_errors():
 
 def test_export_folded_model_round_trip(tmp_path):
     model = ChainNet()
-    x = jax.random.normal(jax.random.key(0), (3, 10, 10, 3))
+    x = _normal(0, (3, 10, 10, 3))
     variables = _init(model, x, 9)
     report = bnjax.export_folded_model(model, variables, x, str(tmp_path))
     assert len(report["folded"]) == 3 and report["kept"] == []
     exported = jax.export.deserialize(bytearray((tmp_path / "folded_model.jax_export")
                                                 .read_bytes()))
-    x2 = jax.random.normal(jax.random.key(1), (5, 10, 10, 3))  # another batch size
+    x2 = _normal(1, (5, 10, 10, 3))  # another batch size
     _assert_rel_close(exported.call(x2), _apply(model, variables, x2, training=False), 1e-5)
     assert (tmp_path / "fold_report.json").exists()
 
 
-def test_training_config_switches(tmp_path):
+def test_training_config_switches(tmp_path, tmp_path_factory):
     from bnjax_train import config_lib, train
 
     config = config_lib.load_config("tiny")
+    # data_dir: this worker's MNIST-1D cache (as in test_train.py), made once per session.
     config.update(num_epochs=1, max_train_examples=128, batch_size=64, eval_batch_size=128,
-                  data_dir=str(tmp_path / "data"))
+                  data_dir=str(tmp_path_factory.getbasetemp() / "bnjax_data"))
     for field, bad in (("precise_bn_batches", -1), ("precise_bn_batches", 1.5),
                        ("export_folded", 1)):
         broken = ml_collections.ConfigDict({**config.to_dict(), field: bad})

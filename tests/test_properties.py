@@ -3,7 +3,13 @@
 Over shapes, feature axes, dtypes, masks, momentum and epsilon (including constant channels and
 a single valid value under a mask): never a silent wrong answer, never NaN from finite input,
 and gradients equal to the float64 reference.
+
+``batch_norm`` runs jitted, compiled once per input signature (shapes, dtype, axis, mask,
+epsilon) and reused by every example that draws it, with ``momentum`` traced (the API allows a
+traced momentum): op by op, each new signature would compile every operation on its own.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +48,7 @@ def problems(draw, few_shapes=False):
     offset = draw(st.sampled_from([0.0, 3.0, -50.0, 1e3]))
     spread = draw(st.sampled_from([0.0, 1e-3, 1.0, 20.0]))  # 0.0: constant channels
     x = offset + spread * rng.normal(size=shape)
-    x = np.asarray(jnp.asarray(x, np.float32).astype(dtype))  # the values actually given
+    x = x.astype(np.float32).astype(dtype)  # the values actually given
     mask_kind = draw(st.sampled_from([None, "reduced", "full", "one"]))
     red_shape = tuple(n for i, n in enumerate(shape) if i not in feat)
     if mask_kind is None:
@@ -62,6 +68,31 @@ def problems(draw, few_shapes=False):
     params = {"scale": rng.uniform(-2, 2, fshape).astype(np.float32),
               "bias": rng.normal(size=fshape).astype(np.float32)}
     return x, tuple(feat), axis, mask, momentum, epsilon, stats, params
+
+
+@functools.cache
+def _compiled_batch_norm(training, axis, epsilon):
+    """``batch_norm`` with these static settings, jitted (compiled once per signature).
+
+    Returns ``(y, new_stats, new_stats is stats)``: the identity (inference returns the
+    statistics themselves) is a property of the traced call, checked while tracing.
+    """
+    def run(x, stats, params, momentum, mask):
+        y, new = bnjax.batch_norm(x, stats, params, training=training, axis=axis,
+                                  momentum=momentum, epsilon=epsilon, mask=mask)
+        return y, new, new is stats
+
+    return jax.jit(run)
+
+
+def _batch_norm(problem, training):
+    x, _, axis, mask, momentum, eps, stats, params = problem
+    return _compiled_batch_norm(training, axis, eps)(x, stats, params, np.float32(momentum),
+                                                     mask)
+
+
+def _to64(y):
+    return np.asarray(y).astype(np.float64)
 
 
 def _reference(x, feat, mask, momentum, eps, stats, params):
@@ -99,13 +130,11 @@ def test_training_agrees_with_reference_or_raises_documented_error(problem):
     reduced = int(np.prod([n for i, n in enumerate(x.shape) if i not in feat]))
     if reduced == 1:
         with pytest.raises(ValueError, match="single value per feature channel"):
-            bnjax.batch_norm(x, stats, params, training=True, axis=axis, momentum=momentum,
-                             epsilon=eps, mask=mask)
+            _batch_norm(problem, training=True)
         return
-    y, new = bnjax.batch_norm(x, stats, params, training=True, axis=axis, momentum=momentum,
-                              epsilon=eps, mask=mask)
+    y, new, _ = _batch_norm(problem, training=True)
     assert y.dtype == x.dtype and y.shape == x.shape
-    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    y = _to64(y)
     assert np.all(np.isfinite(y)), "NaN or Inf from finite input"
     y_ref, mean_ref, var_ref, n = _reference(x, feat, mask, momentum, eps, stats, params)
     np.testing.assert_allclose(new["mean"], mean_ref, rtol=2e-5, atol=1e-5 * (
@@ -124,17 +153,18 @@ def test_training_agrees_with_reference_or_raises_documented_error(problem):
 @given(problems())
 def test_inference_agrees_with_reference(problem):
     x, feat, axis, mask, momentum, eps, stats, params = problem
-    y, new = bnjax.batch_norm(x, stats, params, training=False, axis=axis, momentum=momentum,
-                              epsilon=eps, mask=mask)
-    assert new is stats
+    y, new, same = _batch_norm(problem, training=False)
+    assert same  # inference returns the statistics themselves
+    jax.tree.map(np.testing.assert_array_equal, new, stats)
     shape = [x.shape[i] if i in feat else 1 for i in range(x.ndim)]
     b = lambda v: np.reshape(v, shape).astype(np.float64)  # noqa: E731
     y_ref = (np.asarray(x, np.float64) - b(stats["mean"])) / np.sqrt(b(stats["var"]) + eps) * b(
         params["scale"]) + b(params["bias"])
     out_eps = {np.dtype(np.float32): 1e-6, jnp.dtype(jnp.float16): 1e-3,
                jnp.dtype(jnp.bfloat16): 8e-3}[np.dtype(x.dtype)]
-    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
-    np.testing.assert_allclose(y, y_ref, atol=out_eps * (np.abs(y_ref).max() + 1) * 2, rtol=0)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_allclose(_to64(y), y_ref, atol=out_eps * (np.abs(y_ref).max() + 1) * 2,
+                               rtol=0)
 
 
 def _naive_loss64(x, scale, bias, feat, eps, valid):
@@ -148,6 +178,22 @@ def _naive_loss64(x, scale, bias, feat, eps, valid):
     return jnp.sum(jnp.where((valid > 0) & (n > 0), y * jnp.cos(y), 0.0))
 
 
+# Its gradients, compiled once per shape and feature axes (epsilon is traced here).
+_naive_grads64 = jax.jit(jax.grad(_naive_loss64, argnums=(0, 1, 2)), static_argnums=(3,))
+
+
+@functools.cache
+def _compiled_grads(axis, epsilon):
+    """Gradients (input, params) of bnjax's training output read at valid positions, jitted."""
+    def loss(x, params, stats, mask, valid):
+        y, _ = bnjax.batch_norm(x, stats, params, training=True, axis=axis, epsilon=epsilon,
+                                mask=mask)
+        y = y.astype(jnp.float32)
+        return jnp.sum(jnp.where(valid, y * jnp.cos(y), 0.0))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
 @settings(SETTINGS, max_examples=20)
 @given(problems(few_shapes=True))
 def test_gradients_agree_with_float64_reference(problem):
@@ -156,7 +202,7 @@ def test_gradients_agree_with_float64_reference(problem):
     reduced = int(np.prod([n for i, n in enumerate(x.shape) if i not in feat]))
     if reduced == 1:
         return
-    x32 = np.asarray(jnp.asarray(x, jnp.float32))
+    x32 = x.astype(np.float32)
     red = tuple(i for i in range(x.ndim) if i not in feat)
     x64 = x32.astype(np.float64)
     mean, std = np.abs(x64.mean(red)), x64.std(red)
@@ -171,15 +217,10 @@ def test_gradients_agree_with_float64_reference(problem):
     else:
         valid = np.broadcast_to(np.expand_dims(mask, feat), x.shape).astype(np.float64)
 
-    def loss(x, p):
-        y, _ = bnjax.batch_norm(x, stats, p, training=True, axis=axis, epsilon=eps, mask=mask)
-        y = y.astype(jnp.float32)
-        return jnp.sum(jnp.where(valid > 0, y * jnp.cos(y), 0.0))
-
-    gx, gp = jax.grad(loss, argnums=(0, 1))(x32, params)
+    gx, gp = _compiled_grads(axis, eps)(x32, params, stats, mask, valid > 0)
     with jax.enable_x64(True):
         fshape = tuple(x.shape[a] for a in feat)
-        want = jax.grad(_naive_loss64, argnums=(0, 1, 2))(
+        want = _naive_grads64(
             jnp.asarray(x32, jnp.float64), jnp.asarray(params["scale"], jnp.float64),
             jnp.asarray(params["bias"], jnp.float64), feat, eps, jnp.asarray(valid))
         shapes = (x.shape, fshape, fshape)
