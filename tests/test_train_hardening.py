@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from processes import run_processes
+from processes import cache_dir, cache_env, run_processes
 
 from bnjax_train import (
     checkpointing,
@@ -48,12 +48,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """One CPU device and a compilation cache shared by every run of this module."""
-    cache = str(tmp_path_factory.getbasetemp() / "bnjax_jax_cache_cli")
+    """One CPU device and the session's compilation cache (shared by every run)."""
     out = dict(os.environ)
     out.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+               **cache_env(cache_dir(tmp_path_factory)))
     return out
 
 
