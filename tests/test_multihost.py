@@ -40,10 +40,11 @@ def _run_workers(out: Path, cache: str) -> list[str]:
 
 
 def test_two_processes_match_single_process_reference(tmp_path, tmp_path_factory):
+    variables = init_variables(layers=worker.LAYERS)
+    worker.save_variables(variables, str(tmp_path))  # the workers start from these too
     _run_workers(tmp_path, cache_dir(tmp_path_factory))
     results = [np.load(tmp_path / f"result_{p}.npz") for p in range(worker.NUM_PROCESSES)]
 
-    variables = init_variables(layers=worker.LAYERS)
     ref_metrics = []
     for step in range(worker.STEPS):
         x, y = make_data(worker.GLOBAL_BATCH, seed=step)
