@@ -255,20 +255,6 @@ def test_cli_rejects_bad_values_at_start_up(tmp_path, compile_cache, data_dir):
     assert not os.path.exists(workdir)  # failed before doing anything
 
 
-def test_cli_missing_dataset_fails_fast_and_says_how_to_prepare_it(tmp_path, compile_cache):
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        _train_cmd(str(tmp_path / "run"), str(tmp_path / "data"), "--config.dataset=tfds:kmnist"),
-        env=_env(compile_cache, HOME=str(tmp_path / "home"), TFDS_DATA_DIR=""),
-        capture_output=True, text=True, timeout=120)
-    assert time.monotonic() - t0 < 30  # the issue's bound, start-up included
-    assert proc.returncode == 2
-    assert "dataset 'tfds:kmnist' is not prepared" in proc.stderr
-    assert str(tmp_path / "data") in proc.stderr
-    assert "python -m bnjax_train.input_pipeline prepare tfds:kmnist" in proc.stderr
-    assert not (tmp_path / "run").exists()  # a run that fails at start-up leaves nothing
-
-
 def _run_until(cmd, env, should_kill, timeout=120):
     """Starts ``cmd``; SIGKILLs it as soon as ``should_kill()`` is true. True if killed."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -290,8 +276,9 @@ def _run_until(cmd, env, should_kill, timeout=120):
 
 
 def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, compile_cache, data_dir):
-    # 3 epochs x 4 steps, a checkpoint after every step: most of the run is spent saving.
-    extra = ("--config.num_epochs=3", "--config.checkpoint_every_steps=1")
+    # 2 epochs x 4 steps, a checkpoint after every step: most of the run is spent saving. The
+    # steps are those of the other one-device tiny runs (compiled once for the session).
+    extra = ("--config.checkpoint_every_steps=1",)
     env = _env(compile_cache)
     ref_dir = str(tmp_path / "ref")
     assert not _run_until(_train_cmd(ref_dir, data_dir, *extra), env, lambda: False)
@@ -341,8 +328,8 @@ def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, compile_cach
     # one, drops metrics lines past it, and ends exactly like the uninterrupted run.
     assert not _run_until(cmd, env, lambda: False)
     assert read_metrics(workdir) == read_metrics(ref_dir)
-    assert [r["step"] for r in read_metrics(workdir)] == [4, 8, 12]
-    got, _ = restore(workdir, 12)
-    want, _ = restore(ref_dir, 12)
+    assert [r["step"] for r in read_metrics(workdir)] == [4, 8]
+    got, _ = restore(workdir, 8)
+    want, _ = restore(ref_dir, 8)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
