@@ -6,7 +6,8 @@ Joins a 2-process JAX job on 127.0.0.1 (CPU, gloo collectives, 2 CPU devices per
 by the parent through XLA_FLAGS) and, in each mode (pmap; jax.jit over a mesh of all 4
 devices; the same mesh under jax.shard_map), feeds its own half of a fixed global batch to the
 data-parallel train step and eval step; writes the outcomes to OUT/result_ID.npz, each key
-prefixed with its mode ("mesh:metrics", ...).
+prefixed with its mode ("mesh:metrics", ...). Every mode starts from the variables the parent
+wrote to OUT/init.npz (``save_variables``), the ones its reference starts from.
 """
 
 import os
@@ -24,11 +25,26 @@ LR = 0.1
 MODES = ("pmap", "mesh", "shard_map")
 
 
-def _run_mode(mode: str, process_id: int) -> dict:
+def save_variables(variables: dict, out: str) -> None:
+    """Writes the initial ``{"params", "batch_stats"}`` for the workers to OUT/init.npz."""
+    from flax import traverse_util
+
+    np.savez(os.path.join(out, "init.npz"), **traverse_util.flatten_dict(variables, sep="/"))
+
+
+def load_variables(out: str) -> dict:
+    """The variables ``save_variables`` wrote, as nested dicts of NumPy arrays."""
+    from flax import traverse_util
+
+    with np.load(os.path.join(out, "init.npz")) as f:
+        return traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
+
+
+def _run_mode(mode: str, process_id: int, v: dict) -> dict:
     """STEPS train steps and one eval step in ``mode``; this process's results, on the host."""
     import jax
     import optax
-    from bn_reference import SyncMLP, init_variables, make_data
+    from bn_reference import SyncMLP, make_data
 
     from bnjax.parallel import (
         fetch_replicated,
@@ -42,7 +58,6 @@ def _run_mode(mode: str, process_id: int) -> dict:
     n_local = jax.local_device_count()
     per_process = GLOBAL_BATCH // NUM_PROCESSES
     lo, hi = process_id * per_process, (process_id + 1) * per_process
-    v = init_variables(layers=LAYERS)
     # The mesh spans every process's devices; pmap maps each process's own.
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     kwargs = {"pmap": {"data_parallel": True}, "mesh": {"mesh": mesh},
@@ -91,9 +106,10 @@ def main() -> None:
 
     assert jax.process_count() == NUM_PROCESSES and jax.local_device_count() == 2, (
         jax.process_count(), jax.local_device_count())
+    variables = load_variables(out)
     results = {}
     for mode in MODES:
-        results.update(_run_mode(mode, process_id))
+        results.update(_run_mode(mode, process_id, variables))
     np.savez(os.path.join(out, f"result_{process_id}.npz"), **results)
     jax.distributed.shutdown()
 

@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 import sys
 
-from processes import one_device_env
+from processes import cache_dir, cache_env, one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -14,12 +14,13 @@ def _first_step(records, key, ok):
     return next((r["step"] for r in records if ok(r[key])), None)
 
 
-def test_compare_runs_both_variants_and_reports_steps_to_target(tmp_path):
+def test_compare_runs_both_variants_and_reports_steps_to_target(tmp_path, tmp_path_factory):
     target = 0.105
+    env = one_device_env(**cache_env(cache_dir(tmp_path_factory)))
     proc = subprocess.run(
         [sys.executable, "-m", "bnjax_train.compare", "--config", str(ROOT / "configs" / "tiny.py"),
          "--workdir", str(tmp_path), "--target", str(target), "--loss_target", "2.35"],
-        cwd=ROOT, env=one_device_env(), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = json.loads((tmp_path / "compare.json").read_text())

@@ -12,8 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tfds_fake
-from jax.experimental.compilation_cache import compilation_cache
-from processes import free_port, run_processes
+from processes import cache_dir, cache_env, compilation_cache
 
 from bnjax_train import config_lib, input_pipeline, models, train
 
@@ -32,16 +31,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     """A persistent XLA cache: the repeated runs below compile the same steps only once."""
-    path = str(tmp_path_factory.getbasetemp() / "bnjax_jax_cache")
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield path
-    jax.config.update("jax_compilation_cache_dir", old[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-    compilation_cache.reset_cache()
+    with compilation_cache(cache_dir(tmp_path_factory)) as path:
+        yield path
 
 
 def tiny(data_dir, **overrides):
@@ -241,9 +232,7 @@ def test_every_config_is_valid_and_documents_its_command(name):
 def _env(cache_dir, devices=1, **extra):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env.update(extra)
+    env.update(cache_env(cache_dir), **extra)
     return env
 
 
@@ -264,20 +253,6 @@ def test_cli_rejects_bad_values_at_start_up(tmp_path, compile_cache, data_dir):
                  "config.model='vgg'"):
         assert text in proc.stderr
     assert not os.path.exists(workdir)  # failed before doing anything
-
-
-def test_cli_missing_dataset_fails_fast_and_says_how_to_prepare_it(tmp_path, compile_cache):
-    t0 = time.monotonic()
-    proc = subprocess.run(
-        _train_cmd(str(tmp_path / "run"), str(tmp_path / "data"), "--config.dataset=tfds:kmnist"),
-        env=_env(compile_cache, HOME=str(tmp_path / "home"), TFDS_DATA_DIR=""),
-        capture_output=True, text=True, timeout=120)
-    assert time.monotonic() - t0 < 30  # the issue's bound, start-up included
-    assert proc.returncode == 2
-    assert "dataset 'tfds:kmnist' is not prepared" in proc.stderr
-    assert str(tmp_path / "data") in proc.stderr
-    assert "python -m bnjax_train.input_pipeline prepare tfds:kmnist" in proc.stderr
-    assert not (tmp_path / "run").exists()  # a run that fails at start-up leaves nothing
 
 
 def _run_until(cmd, env, should_kill, timeout=120):
@@ -301,8 +276,9 @@ def _run_until(cmd, env, should_kill, timeout=120):
 
 
 def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, compile_cache, data_dir):
-    # 3 epochs x 4 steps, a checkpoint after every step: most of the run is spent saving.
-    extra = ("--config.num_epochs=3", "--config.checkpoint_every_steps=1")
+    # 2 epochs x 4 steps, a checkpoint after every step: most of the run is spent saving. The
+    # steps are those of the other one-device tiny runs (compiled once for the session).
+    extra = ("--config.checkpoint_every_steps=1",)
     env = _env(compile_cache)
     ref_dir = str(tmp_path / "ref")
     assert not _run_until(_train_cmd(ref_dir, data_dir, *extra), env, lambda: False)
@@ -352,32 +328,8 @@ def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, compile_cach
     # one, drops metrics lines past it, and ends exactly like the uninterrupted run.
     assert not _run_until(cmd, env, lambda: False)
     assert read_metrics(workdir) == read_metrics(ref_dir)
-    assert [r["step"] for r in read_metrics(workdir)] == [4, 8, 12]
-    got, _ = restore(workdir, 12)
-    want, _ = restore(ref_dir, 12)
+    assert [r["step"] for r in read_metrics(workdir)] == [4, 8]
+    got, _ = restore(workdir, 8)
+    want, _ = restore(ref_dir, 8)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-def test_multi_host_run_stops_and_resumes(tmp_path, compile_cache, data_dir):
-    """Two processes on 127.0.0.1 (2 CPU devices each) run train.py through the documented
-    environment variables; the run is stopped after step 3 and resumed to the end."""
-    workdir = str(tmp_path / "run")
-
-    def launch(*extra):
-        port = free_port()
-        commands = [(_train_cmd(workdir, data_dir, *extra),
-                     _env(compile_cache, devices=2, BNJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                          BNJAX_NUM_PROCESSES="2", BNJAX_PROCESS_ID=str(pid)))
-                    for pid in range(2)]
-        codes, texts = run_processes(commands, tmp_path, 120)
-        assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
-        return texts
-
-    first = launch("--config.stop_after_steps=3")
-    assert "on 4 device(s)" in first[0] and "128 train" in first[0]  # each reads half
-    assert checkpoint_steps(workdir) == [3]
-    second = launch()
-    assert "Resuming from" in second[0] and "Final test accuracy" in second[0]
-    assert [r["step"] for r in read_metrics(workdir)] == [4, 8]
-    assert checkpoint_steps(workdir) == [4, 8]

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from processes import run_processes
+from processes import cache_dir, cache_env, run_processes
 
 from bnjax_train import (
     checkpointing,
@@ -48,12 +48,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """One CPU device and a compilation cache shared by every run of this module."""
-    cache = str(tmp_path_factory.getbasetemp() / "bnjax_jax_cache_cli")
+    """One CPU device and the session's compilation cache (shared by every run)."""
     out = dict(os.environ)
     out.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+               **cache_env(cache_dir(tmp_path_factory)))
     return out
 
 
@@ -497,10 +496,14 @@ def test_bad_workdirs_exit_2_before_the_first_step(data_dir, env, reference, tmp
 
 
 def test_a_run_that_fails_at_start_up_leaves_nothing_behind(env, tmp_path):
+    """A dataset that is not prepared fails fast and says how to prepare it."""
     workdir = tmp_path / "new" / "run"
+    t0 = time.monotonic()
     proc = run(cmd(workdir, str(tmp_path / "data"), "--config.dataset=tfds:kmnist"),
                {**env, "HOME": str(tmp_path / "home"), "TFDS_DATA_DIR": ""})
-    assert_one_line_error(proc, "dataset 'tfds:kmnist' is not prepared")
+    assert time.monotonic() - t0 < 30  # the issue's bound, start-up included
+    assert_one_line_error(proc, "dataset 'tfds:kmnist' is not prepared", str(tmp_path / "data"),
+                          "python -m bnjax_train.input_pipeline prepare tfds:kmnist")
     assert not (tmp_path / "new").exists()
 
 

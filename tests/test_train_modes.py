@@ -3,7 +3,9 @@
 "mesh" (the default: jax.jit over a device mesh), "shard_map" (the same mesh under
 jax.shard_map) and "pmap" give the per-step losses of one device with the same global batch
 (within 1e-4 relative over the first 20 steps) and the same final metrics; a checkpoint written
-in one mode resumes in another.
+in one mode resumes in another. The mesh run is ``python train.py`` itself (the default mode).
+Every compilation of this module, its ``train.py`` children included, goes through one
+persistent cache (tests/processes.py): a step compiled for one run is read back by the next.
 """
 
 import dataclasses
@@ -15,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from processes import cache_dir, cache_env, compilation_cache
 
 from bnjax_train import config_lib, input_pipeline, train
 from bnjax_train import models as models_lib
@@ -23,6 +26,13 @@ from bnjax_train.parallelism import Placement
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ["mesh", "shard_map", "pmap"]
 RTOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """The session's persistent XLA cache, for this process and its train.py children."""
+    with compilation_cache(cache_dir(tmp_path_factory)) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +112,36 @@ def assert_same_metrics(got, want):
             assert relative_error(g[key], w[key]) <= RTOL, (key, g[key], w[key])
 
 
+def _train_py(workdir, data_dir, cache_dir, devices, *extra):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", **cache_env(cache_dir),
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
+           os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
+           f"--config.data_dir={data_dir}", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.fixture(scope="module")
-def tiny_runs(data_dir, tmp_path_factory):
-    """The tiny config run to the end in each mode: {mode: workdir}."""
-    out = {}
+def train_py_on_8_devices(data_dir, compile_cache, tmp_path_factory):
+    """``python train.py`` of the tiny config on 8 CPU devices, no mode given: (workdir, stdout)."""
+    workdir = str(tmp_path_factory.mktemp("tiny_train_py") / "eight")
+    return workdir, _train_py(workdir, data_dir, compile_cache, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(data_dir, train_py_on_8_devices, tmp_path_factory):
+    """The tiny config run to the end in each mode: {mode: workdir}.
+
+    "mesh" is the train.py run on 8 devices (the default mode, checked below); the two other
+    modes run in this process.
+    """
+    out = {"mesh": train_py_on_8_devices[0]}
     for mode in MODES:
+        if mode == "mesh":
+            continue
         workdir = str(tmp_path_factory.mktemp(f"tiny_{mode}"))
         train.train_and_evaluate(config_for("tiny", data_dir, parallel=mode), workdir)
         out[mode] = workdir
@@ -131,24 +166,11 @@ def test_a_checkpoint_written_in_one_mode_resumes_in_another(tiny_runs, data_dir
     assert_same_metrics(read_metrics(workdir), read_metrics(tiny_runs["pmap"]))
 
 
-def _train_py(workdir, data_dir, cache_dir, devices, *extra):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
-           os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
-           f"--config.data_dir={data_dir}", *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def test_train_py_runs_in_mesh_mode_by_default_with_the_metrics_of_pmap_and_one_device(
-        tiny_runs, data_dir, tmp_path):
-    cache = str(tmp_path / "jax_cache")
-    out = _train_py(str(tmp_path / "eight"), data_dir, cache, 8)
+        train_py_on_8_devices, tiny_runs, data_dir, compile_cache, tmp_path):
+    eight, out = train_py_on_8_devices
     assert "on 8 device(s) (data parallel: mesh, synchronized BN)" in out
-    assert_same_metrics(read_metrics(str(tmp_path / "eight")), read_metrics(tiny_runs["pmap"]))
-    out = _train_py(str(tmp_path / "one"), data_dir, cache, 1)
+    assert_same_metrics(read_metrics(eight), read_metrics(tiny_runs["pmap"]))
+    out = _train_py(str(tmp_path / "one"), data_dir, compile_cache, 1)
     assert "on 1 device(s);" in out
     assert_same_metrics(read_metrics(str(tmp_path / "one")), read_metrics(tiny_runs["pmap"]))
