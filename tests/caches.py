@@ -1,12 +1,15 @@
-"""Compilation caches and folders that the tests of one session share.
+"""Compilation caches, compiler settings and folders that the tests of one session share.
 
 A persistent JAX compilation cache keeps compiled programs only: what a run computes, prints
-and writes is unchanged, but a program that was compiled before (in this process or, for the
-benchmark subprocesses, in another one of the session) is loaded instead of compiled again.
+and writes is unchanged, but a program compiled before (in this process, or in another
+process of the session: the ``python train.py`` children, the benchmark subprocesses) is
+loaded instead of compiled again. Compiled programs are keyed by their HLO, devices and flags,
+so a hit runs exactly what a compile would have made.
 """
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -20,35 +23,44 @@ def session_dir(tmp_path_factory, name: str) -> Path:
     return path
 
 
-#: XLA flag of the benchmark smoke tests: no LLVM optimization of the compiled code, which
-#: roughly halves their compile times. Their figures mean nothing anyway (``--quick``,
-#: ``--dry-run``, the tiny training config), and what they check (the tables, the JSON,
-#: folded against unfolded outputs to 1e-5) does not depend on it.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+@contextlib.contextmanager
+def shared_folder(tmp_path_factory, name: str) -> Iterator[Path]:
+    """``name`` in a folder every xdist worker of this session shares, held exclusively.
 
-
-def smoke_test_env(tmp_path_factory, env: dict[str, str]) -> dict[str, str]:
-    """``env`` for a benchmark smoke-test subprocess: the session's compilation cache and
-    :data:`FAST_COMPILE` (added to its ``XLA_FLAGS``).
-
-    Every benchmark subprocess of the session reads and writes the cache: the quick step
-    benchmark and the GPU check's dry run compile the same op and model steps, the
-    ``parallel`` quick run the ``sync`` one's pmap steps, a second training run the first
-    one's steps.
+    The first worker to get there makes the folder's contents; the others wait, then read
+    them. Without ``fcntl`` (no POSIX locks) each worker gets a folder of its own.
     """
-    flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), FAST_COMPILE) if f)
-    cache = session_dir(tmp_path_factory, "bnjax_bench_cache")
-    return {**env, "XLA_FLAGS": flags, "JAX_COMPILATION_CACHE_DIR": str(cache),
+    try:
+        import fcntl
+    except ImportError:
+        yield tmp_path_factory.getbasetemp() / name
+        return
+    base = session_dir(tmp_path_factory, "bnjax_shared")
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield base / name
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def cache_dir(tmp_path_factory) -> str:
+    """The persistent XLA compilation cache of this session (of this xdist worker)."""
+    return str(tmp_path_factory.getbasetemp() / "bnjax_jax_cache")
+
+
+def cache_env(cache: str | Path) -> dict[str, str]:
+    """The environment variables that make a child JAX process compile through ``cache``.
+
+    Every compilation is kept (JAX keeps only those over 1 s by default).
+    """
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 @contextlib.contextmanager
-def compile_cache(path):
-    """This process's persistent JAX compilation cache in ``path`` while active.
-
-    Programs with the same computation (e.g. the same model compiled again by another call
-    of a tool that jits a new closure each time) are then compiled once.
-    """
+def compile_cache(path: str | Path) -> Iterator[str]:
+    """Within the block, this process's compilations go through the persistent cache too."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -58,8 +70,33 @@ def compile_cache(path):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     compilation_cache.reset_cache()
     try:
-        yield path
+        yield str(path)
     finally:
         jax.config.update("jax_compilation_cache_dir", old[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
         compilation_cache.reset_cache()
+
+
+def fast_compile_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the suite's cheap-compilation settings (see conftest.py), for a child.
+
+    The quick studies, ``--quick`` benchmarks and the GPU check's dry run are tiny: compiling
+    is most of their time. Only the compiler's code generation changes, not what the command
+    runs; what the tests check of them (tables recomputed from the JSON, folded against
+    unfolded outputs to 1e-5, verdict lines) does not depend on it.
+    """
+    flags = " ".join(f for f in (env.get("XLA_FLAGS", ""),
+                                 os.environ.get("BNJAX_TEST_XLA_FLAGS", "")) if f)
+    return {**env, "XLA_FLAGS": flags, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+def smoke_test_env(tmp_path_factory, env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a benchmark smoke-test subprocess: :func:`fast_compile_env` and the
+    session's compilation cache, shared by every worker.
+
+    The quick step benchmark and the GPU check's dry run compile the same op and model steps,
+    the ``parallel`` quick run the ``sync`` one's pmap steps, a second training run the first
+    one's steps.
+    """
+    return {**fast_compile_env(env),
+            **cache_env(session_dir(tmp_path_factory, "bnjax_bench_cache"))}

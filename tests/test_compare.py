@@ -5,7 +5,8 @@ import pathlib
 import subprocess
 import sys
 
-from processes import cache_dir, cache_env, one_device_env
+from caches import cache_dir, cache_env
+from processes import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,8 @@ import multihost_worker as worker
 import numpy as np
 import pytest
 from bn_reference import init_variables, make_data, ref_train_step
-from processes import cache_dir, cache_env, free_port, run_processes
+from caches import cache_dir, cache_env
+from processes import free_port, run_processes, xla_flags
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 90
@@ -26,7 +27,7 @@ TIMEOUT_S = 90
 
 def _run_workers(out: Path, cache: str) -> list[str]:
     env = dict(os.environ, **cache_env(cache))
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = xla_flags(2)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     port = free_port()
@@ -98,7 +99,7 @@ def _train_py(workdir: str, data_dir: str, log_dir: Path, cache: str, *extra: st
     port = free_port()
     commands = []
     for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        env = dict(os.environ, XLA_FLAGS=xla_flags(2),
                    JAX_PLATFORMS="cpu", BNJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    BNJAX_NUM_PROCESSES="2", BNJAX_PROCESS_ID=str(pid), **cache_env(cache),
                    PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH",

@@ -3,7 +3,6 @@ table equals the one recomputed here from the JSON (float64 NumPy), with a verdi
 vmapped training engine trains each run as a plain loop would; the studies' network computes
 what the zoo's CNN1D computes; the verdicts follow the numbers."""
 
-import contextlib
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from caches import fast_compile_env, shared_folder
 
 from benchmarks import report
 from bnjax_train.models import CNN1D, create_model
@@ -30,51 +30,18 @@ STATUS = re.compile(r"^Verdict: (confirmed|partly confirmed|not confirmed|neithe
                     r"conv-ReLU-BN is better|conv-BN-ReLU is better)\b")
 
 
-# The quick runs are tiny: compiling them is most of their time, and XLA's optimizations
-# (and its CPU fusion emitters) cost more to compile than they save on runs this small. Only
-# the compiler's settings change, not what the command runs.
-FAST_COMPILE = {
-    "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-    "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""),
-                           "--xla_cpu_use_fusion_emitters=false"]).strip(),
-}
-
-
-@contextlib.contextmanager
-def _session_folder(tmp_path_factory, name):
-    """``name`` in a folder every xdist worker of this session shares, held exclusively.
-
-    The first worker to get there makes the folder's contents; the others wait, then read
-    them. Without ``fcntl`` (no POSIX locks) each worker gets a folder of its own.
-    """
-    base = tmp_path_factory.getbasetemp()
-    try:
-        import fcntl
-    except ImportError:
-        yield base / name
-        return
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # the session's folder, above the workers' own
-    with open(base / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield base / name
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """All six studies with --quick, in one process (one JAX start, one MNIST-1D), once per
     session: tests of this module on other xdist workers read the same files."""
-    with _session_folder(tmp_path_factory, "bnjax_studies_quick") as out:
+    with shared_folder(tmp_path_factory, "bnjax_studies_quick") as out:
         record = out / "process.json"
         if not record.exists():
             out.mkdir(exist_ok=True)
             proc = subprocess.run(
                 [sys.executable, "-m", "bnjax_train.studies", "all", "--quick", "--out",
                  str(out), "--data_dir", str(tmp_path_factory.getbasetemp() / "bnjax_data")],
-                cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **FAST_COMPILE),
+                cwd=REPO, env=fast_compile_env(dict(os.environ, PYTHONPATH=str(REPO))),
                 capture_output=True, text=True, timeout=600)
             record.write_text(json.dumps({"returncode": proc.returncode,
                                           "stdout": proc.stdout, "stderr": proc.stderr}))

@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 
+import caches
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tfds_fake
-from processes import cache_dir, cache_env, compilation_cache
+from caches import cache_dir, cache_env
+from processes import xla_flags
 
 from bnjax_train import config_lib, input_pipeline, models, train
 
@@ -31,7 +33,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     """A persistent XLA cache: the repeated runs below compile the same steps only once."""
-    with compilation_cache(cache_dir(tmp_path_factory)) as path:
+    with caches.compile_cache(cache_dir(tmp_path_factory)) as path:
         yield path
 
 
@@ -231,7 +233,7 @@ def test_every_config_is_valid_and_documents_its_command(name):
 
 def _env(cache_dir, devices=1, **extra):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env.update(cache_env(cache_dir), **extra)
     return env
 

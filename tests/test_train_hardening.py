@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from processes import cache_dir, cache_env, run_processes
+from caches import cache_dir, cache_env
+from processes import run_processes, xla_flags
 
 from bnjax_train import (
     checkpointing,
@@ -50,7 +51,7 @@ def data_dir(tmp_path_factory):
 def env(tmp_path_factory):
     """One CPU device and the session's compilation cache (shared by every run)."""
     out = dict(os.environ)
-    out.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    out.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
                **cache_env(cache_dir(tmp_path_factory)))
     return out

@@ -14,10 +14,12 @@ import os
 import subprocess
 import sys
 
+import caches
 import jax
 import numpy as np
 import pytest
-from processes import cache_dir, cache_env, compilation_cache
+from caches import cache_dir, cache_env
+from processes import xla_flags
 
 from bnjax_train import config_lib, input_pipeline, train
 from bnjax_train import models as models_lib
@@ -31,7 +33,7 @@ RTOL = 1e-4
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory):
     """The session's persistent XLA cache, for this process and its train.py children."""
-    with compilation_cache(cache_dir(tmp_path_factory)) as path:
+    with caches.compile_cache(cache_dir(tmp_path_factory)) as path:
         yield path
 
 
@@ -113,7 +115,7 @@ def assert_same_metrics(got, want):
 
 
 def _train_py(workdir, data_dir, cache_dir, devices, *extra):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", **cache_env(cache_dir),
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
