@@ -1,6 +1,8 @@
-"""Compilation caches, compiler settings and folders that the tests of one session share.
+"""Compiler settings and folders that the tests of one session share.
 
-A persistent JAX compilation cache keeps compiled programs only: what a run computes, prints
+The session's persistent JAX compilation cache is set up by conftest.py
+(``JAX_COMPILATION_CACHE_DIR``): this process and every process it starts with its
+environment compile through it. It keeps compiled programs only: what a run computes, prints
 and writes is unchanged, but a program compiled before (in this process, or in another
 process of the session: the ``python train.py`` children, the benchmark subprocesses) is
 loaded instead of compiled again. Compiled programs are keyed by their HLO, devices and flags,
@@ -44,39 +46,6 @@ def shared_folder(tmp_path_factory, name: str) -> Iterator[Path]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def cache_dir(tmp_path_factory) -> str:
-    """The persistent XLA compilation cache of this session (of this xdist worker)."""
-    return str(tmp_path_factory.getbasetemp() / "bnjax_jax_cache")
-
-
-def cache_env(cache: str | Path) -> dict[str, str]:
-    """The environment variables that make a child JAX process compile through ``cache``.
-
-    Every compilation is kept (JAX keeps only those over 1 s by default).
-    """
-    return {"JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-@contextlib.contextmanager
-def compile_cache(path: str | Path) -> Iterator[str]:
-    """Within the block, this process's compilations go through the persistent cache too."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    old = (jax.config.jax_compilation_cache_dir,
-           jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    try:
-        yield str(path)
-    finally:
-        jax.config.update("jax_compilation_cache_dir", old[0])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-        compilation_cache.reset_cache()
-
-
 def fast_compile_env(env: dict[str, str]) -> dict[str, str]:
     """``env`` with the suite's cheap-compilation settings (see conftest.py), for a child.
 
@@ -88,15 +57,3 @@ def fast_compile_env(env: dict[str, str]) -> dict[str, str]:
     flags = " ".join(f for f in (env.get("XLA_FLAGS", ""),
                                  os.environ.get("BNJAX_TEST_XLA_FLAGS", "")) if f)
     return {**env, "XLA_FLAGS": flags, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-
-
-def smoke_test_env(tmp_path_factory, env: dict[str, str]) -> dict[str, str]:
-    """``env`` for a benchmark smoke-test subprocess: :func:`fast_compile_env` and the
-    session's compilation cache, shared by every worker.
-
-    The quick step benchmark and the GPU check's dry run compile the same op and model steps,
-    the ``parallel`` quick run the ``sync`` one's pmap steps, a second training run the first
-    one's steps.
-    """
-    return {**fast_compile_env(env),
-            **cache_env(session_dir(tmp_path_factory, "bnjax_bench_cache"))}

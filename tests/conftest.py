@@ -51,4 +51,3 @@ def keras():
     if keras_module.backend.backend() != "jax":
         pytest.fail("Keras was imported with another backend; set KERAS_BACKEND=jax")
     return keras_module
-

@@ -1,7 +1,7 @@
 """Test subprocesses bounded in time and always ended.
 
 Every JAX process of the program's tests (this one and the ``python train.py`` children)
-compiles through one persistent XLA cache per session (per xdist worker, ``caches.py``).
+compiles through the session's persistent XLA cache (set up by ``conftest.py``).
 """
 
 import os

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from caches import smoke_test_env
+from caches import fast_compile_env
 from processes import one_device_env
 
 from benchmarks import op
@@ -21,7 +21,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "step", "--quick", "--out", str(out)],
-        cwd=out.parent, env=smoke_test_env(tmp_path_factory, one_device_env()),
+        cwd=out.parent, env=fast_compile_env(one_device_env()),
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from caches import smoke_test_env
+from caches import fast_compile_env
 from processes import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,11 +33,11 @@ for argv in json.loads(sys.argv[1]):
     ("sync", ["devices", "ratio_sync_over_local", "results"]),
     ("parallel", ["devices", "ratio_to_pmap_sync", "results"]),
 ])
-def test_benchmark_script_quick_run_writes_json(tmp_path, tmp_path_factory, script, keys):
+def test_benchmark_script_quick_run_writes_json(tmp_path, script, keys):
     # fold writes to its default --out (under bench_results/ of the current directory).
     out = tmp_path / ("bench_results/fold.json" if script == "fold" else "out.json")
     extra = [] if script == "fold" else ["--out", str(out)]
-    env = smoke_test_env(tmp_path_factory, dict(os.environ, PYTHONPATH=str(ROOT))
+    env = fast_compile_env(dict(os.environ, PYTHONPATH=str(ROOT))
                          if script == "sync" else one_device_env())
     proc = subprocess.run([sys.executable, "-m", "benchmarks", script, "--quick", *extra],
                           cwd=tmp_path, env=env,
@@ -71,7 +71,7 @@ def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(
     commands = [base, base + ["--num_epochs", "1"]]  # the second after the default run
     proc = subprocess.run(
         [sys.executable, "-c", RUN_COMMANDS, json.dumps(commands)], cwd=tmp_path,
-        env=smoke_test_env(tmp_path_factory, one_device_env()), capture_output=True,
+        env=fast_compile_env(one_device_env()), capture_output=True,
         text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stdout = proc.stdout.split(DONE)

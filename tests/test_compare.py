@@ -5,7 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-from caches import cache_dir, cache_env
 from processes import one_device_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -15,9 +14,9 @@ def _first_step(records, key, ok):
     return next((r["step"] for r in records if ok(r[key])), None)
 
 
-def test_compare_runs_both_variants_and_reports_steps_to_target(tmp_path, tmp_path_factory):
+def test_compare_runs_both_variants_and_reports_steps_to_target(tmp_path):
     target = 0.105
-    env = one_device_env(**cache_env(cache_dir(tmp_path_factory)))
+    env = one_device_env()
     proc = subprocess.run(
         [sys.executable, "-m", "bnjax_train.compare", "--config", str(ROOT / "configs" / "tiny.py"),
          "--workdir", str(tmp_path), "--target", str(target), "--loss_target", "2.35"],

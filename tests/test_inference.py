@@ -10,17 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from caches import compile_cache
 
 import bnjax
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compile_cache(tmp_path_factory):
-    """A persistent XLA cache: the tools jit a new closure per call, so the same small models
-    (StatNet and its variants, folded and unfolded) would otherwise be compiled many times."""
-    with compile_cache(tmp_path_factory.mktemp("jax_cache")) as path:
-        yield path
 
 # ---------------------------------------------------------------------------------------------
 # Helpers.

@@ -18,15 +18,14 @@ import multihost_worker as worker
 import numpy as np
 import pytest
 from bn_reference import init_variables, make_data, ref_train_step
-from caches import cache_dir, cache_env
 from processes import free_port, run_processes, xla_flags
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 90
 
 
-def _run_workers(out: Path, cache: str) -> list[str]:
-    env = dict(os.environ, **cache_env(cache))
+def _run_workers(out: Path) -> list[str]:
+    env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(2)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
@@ -40,10 +39,10 @@ def _run_workers(out: Path, cache: str) -> list[str]:
     return texts
 
 
-def test_two_processes_match_single_process_reference(tmp_path, tmp_path_factory):
+def test_two_processes_match_single_process_reference(tmp_path):
     variables = init_variables(layers=worker.LAYERS)
     worker.save_variables(variables, str(tmp_path))  # the workers start from these too
-    _run_workers(tmp_path, cache_dir(tmp_path_factory))
+    _run_workers(tmp_path)
     results = [np.load(tmp_path / f"result_{p}.npz") for p in range(worker.NUM_PROCESSES)]
 
     ref_metrics = []
@@ -94,14 +93,14 @@ def _ref_logits(variables, x):
 # The program on the mesh of both processes.
 
 
-def _train_py(workdir: str, data_dir: str, log_dir: Path, cache: str, *extra: str) -> list[str]:
+def _train_py(workdir: str, data_dir: str, log_dir: Path, *extra: str) -> list[str]:
     """train.py on 2 processes x 2 CPU devices (the documented environment variables)."""
     port = free_port()
     commands = []
     for pid in range(2):
         env = dict(os.environ, XLA_FLAGS=xla_flags(2),
                    JAX_PLATFORMS="cpu", BNJAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   BNJAX_NUM_PROCESSES="2", BNJAX_PROCESS_ID=str(pid), **cache_env(cache),
+                   BNJAX_NUM_PROCESSES="2", BNJAX_PROCESS_ID=str(pid),
                    PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH",
                                                                                   "")]))
         commands.append(([sys.executable, str(HERE.parent / "train.py"), "--config",
@@ -123,23 +122,21 @@ def _checkpoint_steps(workdir: str) -> list[int]:
                   if d.isdigit())
 
 
-def test_train_py_on_a_two_process_mesh_stops_and_resumes_in_another_mode(tmp_path,
-                                                                          tmp_path_factory):
+def test_train_py_on_a_two_process_mesh_stops_and_resumes_in_another_mode(tmp_path):
     from bnjax_train import input_pipeline
 
     data_dir = str(tmp_path / "data")
     input_pipeline.load_dataset("mnist1d", data_dir=data_dir)
-    cache = cache_dir(tmp_path_factory)
     resumed, full = str(tmp_path / "resumed"), str(tmp_path / "full")
-    first = _train_py(resumed, data_dir, tmp_path / "a", cache, "--config.stop_after_steps=3")
+    first = _train_py(resumed, data_dir, tmp_path / "a", "--config.stop_after_steps=3")
     assert "on 4 device(s) (data parallel: mesh, synchronized BN)" in first[0]
     assert "128 train" in first[0]  # each process reads half
     assert _checkpoint_steps(resumed) == [3]
-    second = _train_py(resumed, data_dir, tmp_path / "b", cache, "--config.parallel=pmap")
+    second = _train_py(resumed, data_dir, tmp_path / "b", "--config.parallel=pmap")
     assert "Resuming from" in second[0] and "(data parallel: pmap" in second[0]
     assert "Final test accuracy" in second[0]
     assert _checkpoint_steps(resumed) == [4, 8]
-    _train_py(full, data_dir, tmp_path / "c", cache, "--config.parallel=shard_map")
+    _train_py(full, data_dir, tmp_path / "c", "--config.parallel=shard_map")
     got, want = _metrics(resumed), _metrics(full)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 8]
     for g, w in zip(got, want, strict=True):

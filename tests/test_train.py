@@ -7,13 +7,11 @@ import subprocess
 import sys
 import time
 
-import caches
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tfds_fake
-from caches import cache_dir, cache_env
 from processes import xla_flags
 
 from bnjax_train import config_lib, input_pipeline, models, train
@@ -28,13 +26,6 @@ def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.getbasetemp() / "bnjax_data")
     input_pipeline.load_dataset("mnist1d", data_dir=path)
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache: the repeated runs below compile the same steps only once."""
-    with caches.compile_cache(cache_dir(tmp_path_factory)) as path:
-        yield path
 
 
 def tiny(data_dir, **overrides):
@@ -231,10 +222,10 @@ def test_every_config_is_valid_and_documents_its_command(name):
 # The real program, in subprocesses.
 
 
-def _env(cache_dir, devices=1, **extra):
+def _env(devices=1, **extra):
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags(devices)
-    env.update(cache_env(cache_dir), **extra)
+    env.update(extra)
     return env
 
 
@@ -244,12 +235,12 @@ def _train_cmd(workdir, data_dir, *extra):
             f"--config.data_dir={data_dir}", *extra]
 
 
-def test_cli_rejects_bad_values_at_start_up(tmp_path, compile_cache, data_dir):
+def test_cli_rejects_bad_values_at_start_up(tmp_path, data_dir):
     workdir = str(tmp_path / "run")
     proc = subprocess.run(
         _train_cmd(workdir, data_dir, "--config.learning_rate=-1", "--config.batch_size=30",
                    "--config.model=vgg"),
-        env=_env(compile_cache, devices=8), capture_output=True, text=True, timeout=120)
+        env=_env(devices=8), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     for text in ("config.learning_rate=-1.0", "config.batch_size=30: must be divisible by the 8",
                  "config.model='vgg'"):
@@ -277,11 +268,11 @@ def _run_until(cmd, env, should_kill, timeout=120):
         proc.stderr.close()
 
 
-def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, compile_cache, data_dir):
+def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, data_dir):
     # 2 epochs x 4 steps, a checkpoint after every step: most of the run is spent saving. The
     # steps are those of the other one-device tiny runs (compiled once for the session).
     extra = ("--config.checkpoint_every_steps=1",)
-    env = _env(compile_cache)
+    env = _env()
     ref_dir = str(tmp_path / "ref")
     assert not _run_until(_train_cmd(ref_dir, data_dir, *extra), env, lambda: False)
 

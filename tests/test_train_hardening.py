@@ -20,7 +20,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from caches import cache_dir, cache_env
 from processes import run_processes, xla_flags
 
 from bnjax_train import (
@@ -48,12 +47,11 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One CPU device and the session's compilation cache (shared by every run)."""
+def env():
+    """One CPU device; the session's compilation cache comes with os.environ (conftest.py)."""
     out = dict(os.environ)
     out.update(XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-               **cache_env(cache_dir(tmp_path_factory)))
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     return out
 
 

@@ -14,11 +14,9 @@ import os
 import subprocess
 import sys
 
-import caches
 import jax
 import numpy as np
 import pytest
-from caches import cache_dir, cache_env
 from processes import xla_flags
 
 from bnjax_train import config_lib, input_pipeline, train
@@ -28,13 +26,6 @@ from bnjax_train.parallelism import Placement
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ["mesh", "shard_map", "pmap"]
 RTOL = 1e-4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """The session's persistent XLA cache, for this process and its train.py children."""
-    with caches.compile_cache(cache_dir(tmp_path_factory)) as path:
-        yield path
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +105,9 @@ def assert_same_metrics(got, want):
             assert relative_error(g[key], w[key]) <= RTOL, (key, g[key], w[key])
 
 
-def _train_py(workdir, data_dir, cache_dir, devices, *extra):
+def _train_py(workdir, data_dir, devices, *extra):
     env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
-               JAX_PLATFORMS="cpu", **cache_env(cache_dir),
+               JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, os.path.join(REPO, "train.py"), "--config",
            os.path.join(REPO, "configs", "tiny.py"), "--workdir", workdir,
@@ -127,10 +118,10 @@ def _train_py(workdir, data_dir, cache_dir, devices, *extra):
 
 
 @pytest.fixture(scope="module")
-def train_py_on_8_devices(data_dir, compile_cache, tmp_path_factory):
+def train_py_on_8_devices(data_dir, tmp_path_factory):
     """``python train.py`` of the tiny config on 8 CPU devices, no mode given: (workdir, stdout)."""
     workdir = str(tmp_path_factory.mktemp("tiny_train_py") / "eight")
-    return workdir, _train_py(workdir, data_dir, compile_cache, 8)
+    return workdir, _train_py(workdir, data_dir, 8)
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +160,10 @@ def test_a_checkpoint_written_in_one_mode_resumes_in_another(tiny_runs, data_dir
 
 
 def test_train_py_runs_in_mesh_mode_by_default_with_the_metrics_of_pmap_and_one_device(
-        train_py_on_8_devices, tiny_runs, data_dir, compile_cache, tmp_path):
+        train_py_on_8_devices, tiny_runs, data_dir, tmp_path):
     eight, out = train_py_on_8_devices
     assert "on 8 device(s) (data parallel: mesh, synchronized BN)" in out
     assert_same_metrics(read_metrics(eight), read_metrics(tiny_runs["pmap"]))
-    out = _train_py(str(tmp_path / "one"), data_dir, compile_cache, 1)
+    out = _train_py(str(tmp_path / "one"), data_dir, 1)
     assert "on 1 device(s);" in out
     assert_same_metrics(read_metrics(str(tmp_path / "one")), read_metrics(tiny_runs["pmap"]))
