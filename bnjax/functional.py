@@ -29,7 +29,7 @@ from jax import lax
 
 from bnjax import _checks as C
 from bnjax._checks import Axis, canonicalize_axes
-from bnjax._vjp import normalize_with, train_forward
+from bnjax._train import normalize_with, train_forward
 from bnjax.stats import Moments, moments, on_automatic_axes, stat_dtype, to_input_shape
 from bnjax.variants import (
     RENORM_KEYS,

@@ -33,6 +33,8 @@ Array = jax.Array
 
 __all__ = [
     "Moments",
+    "apart",
+    "barrier",
     "axis_names",
     "check_axis",
     "combine_sums",
@@ -139,6 +141,47 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
 
     s1, s2 = sums_of(deviation, lambda *o: jnp.square(deviation(*o)), (x, shift, mask), red)
     return jnp.stack([count, shift, s1, s2])
+
+
+def apart(operands: Any) -> tuple[Any, Any]:
+    """Two copies of ``operands`` that XLA:CPU cannot merge; the operands twice elsewhere.
+
+    An elementwise value used by two fusions (a reduction and an elementwise pass, say) is
+    written out by XLA:CPU as a full-size temporary for both to read, which costs more than
+    computing it twice; computing each use from its own copy (an ``optimization_barrier``,
+    which moves no data) keeps each fused with its own work. GPU and TPU compilers fuse
+    such values on their own, and get the operands as they are.
+
+    Example:
+      >>> a, b = apart(jnp.ones(2))
+      >>> (a + b).tolist()
+      [2.0, 2.0]
+    """
+    return barrier((operands, operands))
+
+
+def barrier(operands: Any) -> Any:
+    """``operands`` through one ``optimization_barrier`` on the CPU; unchanged elsewhere.
+
+    The barrier's transpose is a barrier too: values that go through one in a linear map
+    reach their consumers as distinct copies in its transpose (which XLA cannot merge).
+    Under ``jax.shard_map`` the barrier makes every output vary over the manual axes that
+    any operand varies over; elsewhere the operands are given the same types.
+
+    Example:
+      >>> barrier((jnp.ones(1), jnp.zeros(1)))[0].tolist()
+      [1.0]
+    """
+    leaves, tree = jax.tree.flatten(operands)
+    varying = tuple(sorted(frozenset().union(*(vma(v) for v in leaves)), key=str))
+
+    def same(*ops: Array) -> tuple[Array, ...]:
+        return tuple(lax.pcast(v, tuple(n for n in varying if n not in vma(v)), to="varying")
+                     if set(varying) - vma(v) else v for v in ops)
+
+    out = lax.platform_dependent(*leaves, cpu=lambda *o: lax.optimization_barrier(o),
+                                 default=same)
+    return jax.tree.unflatten(tree, out)
 
 
 def sums_of(f1: Any, f2: Any, operands: tuple[Array, ...], red: tuple[int, ...]
