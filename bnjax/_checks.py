@@ -9,6 +9,7 @@ a traced value is allowed at all.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -116,7 +117,11 @@ def _concrete_float(name: str, value: Any, accepted: str) -> float | None:
     """``float(value)`` for a concrete scalar, None for a traced one."""
     if isinstance(value, jax.core.Tracer):
         return None
-    if isinstance(value, bool | np.bool_) or jnp.ndim(value) != 0:
+    numeric = isinstance(value, numbers.Real) or (
+        isinstance(value, np.ndarray | np.generic | jax.Array)
+        and (jnp.issubdtype(value.dtype, jnp.floating)
+             or jnp.issubdtype(value.dtype, jnp.integer)))
+    if isinstance(value, bool | np.bool_) or not numeric or jnp.ndim(value) != 0:
         raise TypeError(f"{name}={value!r} must be a real scalar; accepted: {accepted}.")
     try:
         return float(value)
@@ -144,8 +149,12 @@ def check_momentum(momentum: Any, name: str = "momentum") -> None:
         )
 
 
-def check_epsilon(epsilon: Any) -> float:
+def check_epsilon(epsilon: Any, dtype: Any = None) -> float:
     """Checks epsilon: a static, finite scalar > 0. Returns it as a Python float.
+
+    Given the input's dtype, epsilon must also be a normal number in the dtype the statistics
+    are computed in (float32, or float64 for float64 input): a subnormal one is flushed to 0
+    on most hardware, and a constant feature would then divide 0 by 0.
 
     Example:
       >>> check_epsilon(1e-5)
@@ -154,6 +163,10 @@ def check_epsilon(epsilon: Any) -> float:
       Traceback (most recent call last):
       ...
       ValueError: epsilon=inf must be finite and > 0; it is added to the variance inside ...
+      >>> check_epsilon(1e-40, jnp.float32)
+      Traceback (most recent call last):
+      ...
+      ValueError: epsilon=1e-40 is below the smallest normal float32 (1.18e-38): the ...
     """
     if isinstance(epsilon, jax.core.Tracer):
         raise TypeError(
@@ -166,6 +179,16 @@ def check_epsilon(epsilon: Any) -> float:
             f"epsilon={epsilon!r} must be finite and > 0; it is added to the variance inside "
             "the square root (Keras default 1e-3, Flax and PyTorch 1e-5)."
         )
+    if dtype is not None:
+        compute = jnp.promote_types(dtype, jnp.float32)
+        tiny = float(jnp.finfo(compute).tiny)
+        if value < tiny:
+            raise ValueError(
+                f"epsilon={epsilon!r} is below the smallest normal {compute} ({tiny:.3g}): the "
+                f"statistics of a {jnp.dtype(dtype)} input are computed in {compute}, where it "
+                "is flushed to 0 and a constant feature gives 0/0 = NaN. Use a normal number, "
+                "e.g. 1e-3 (Keras) or 1e-5 (Flax, PyTorch)."
+            )
     return value
 
 
@@ -228,6 +251,32 @@ def check_per_feature(name: str, value: Array | None, feature_shape: tuple[int, 
         )
 
 
+def _refuse_two_meanings(shape: tuple[int, ...], x_shape: tuple[int, ...],
+                         axes: tuple[int, ...]) -> None:
+    """Raises when a mask of the input's shape without its feature axes also broadcasts.
+
+    E.g. a ``(C,)`` mask on a ``(B, C)`` input with ``B == C``: one flag per row (bnjax's
+    reading of that shape) or one per feature (NumPy broadcasting, as Flax reads it).
+    """
+    reduced = [i for i in range(len(x_shape)) if i not in axes]
+    trailing = list(range(len(x_shape) - len(shape), len(x_shape)))
+    try:
+        broadcasts = np.broadcast_shapes(shape, x_shape) == tuple(x_shape)
+    except ValueError:
+        broadcasts = False
+    if not broadcasts or reduced == trailing:
+        return
+    row = tuple(1 if i in axes else n for i, n in enumerate(x_shape))
+    value = tuple((1,) * (len(x_shape) - len(shape)) + tuple(shape))
+    raise ValueError(
+        f"mask has shape {tuple(shape)}, which for an input of shape {tuple(x_shape)} with "
+        f"feature axes {axes} means two things: one flag per position shared by the features "
+        "(the input's shape without its feature axes) or, by NumPy broadcasting, flags along "
+        f"the trailing axes. Say which: mask.reshape({row}) for one flag per position, or "
+        f"mask.reshape({value}) (or the input's full shape) for broadcasting."
+    )
+
+
 def mask_to_input_rank(mask: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> Array:
     """Validates a mask and returns it with the input's rank.
 
@@ -248,6 +297,7 @@ def mask_to_input_rank(mask: Any, x_shape: tuple[int, ...], axes: tuple[int, ...
     x_shape = tuple(x_shape)
     reduced_shape = tuple(n for i, n in enumerate(x_shape) if i not in axes)
     if mask.shape == reduced_shape:
+        _refuse_two_meanings(mask.shape, x_shape, axes)
         return jnp.expand_dims(mask, axes)
     try:
         ok = mask.ndim <= len(x_shape) and np.broadcast_shapes(mask.shape, x_shape) == x_shape

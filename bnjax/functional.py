@@ -19,12 +19,12 @@ masked-out positions are still computed (normalized like the others) for conveni
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from bnjax import _checks as C
@@ -89,7 +89,7 @@ def normalize(
     """
     C.check_input(x)
     axes = canonicalize_axes(axis, x.ndim)
-    epsilon = C.check_epsilon(epsilon)
+    epsilon = C.check_epsilon(epsilon, jnp.result_type(x))
     C.check_dtype("dtype", dtype)
     out_dtype = x.dtype if dtype is None else dtype
     return normalize_with(x, mean, var, scale, bias, axes, epsilon, out_dtype)
@@ -257,7 +257,7 @@ def batch_norm(
     C.check_input(x)
     C.check_mode("training", training, optional=False)
     C.check_momentum(momentum)
-    epsilon = C.check_epsilon(epsilon)
+    epsilon = C.check_epsilon(epsilon, jnp.result_type(x))
     C.check_dtype("dtype", dtype)
     axes = canonicalize_axes(axis, x.ndim)
     C.check_input(x, axes, training=bool(training))
@@ -278,7 +278,8 @@ def batch_norm(
                                   epsilon, out_dtype)
         return y, stats
 
-    reduced = int(np.prod([x.shape[i] for i in range(x.ndim) if i not in axes]))
+    # math.prod, not int(np.prod(...)): a symbolic (jax.export) batch size stays symbolic.
+    reduced = math.prod(x.shape[i] for i in range(x.ndim) if i not in axes)
     if virtual_batch_size is not None:
         virtual_batch_size = C.check_virtual_batch(virtual_batch_size, x.shape, axes)
         reduced = reduced // (x.shape[0] // virtual_batch_size)

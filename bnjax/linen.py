@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from bnjax import keras
 from bnjax._checks import canonicalize_axes, check_input
 from bnjax._layer import check_layer, layer_batch_norm, resolve_training, stats_dtype
+from bnjax.stats import moments
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -176,11 +177,17 @@ class BatchNorm(nn.Module):
         if self.renorm and callable(self.renorm_clipping):
             step = self.variable("batch_stats", "renorm_step", lambda: jnp.zeros((), jnp.int32))
         self._sow_penalties(params)
-        # Initialization uses the moving statistics: it neither updates them nor runs a
-        # collective, so `init` works outside pmap even with `axis_name` set.
-        if not train or self.is_initializing():
-            y, _ = layer_batch_norm(self, x, {k: v.value for k, v in stats.items()}, params,
-                                    training=False, mask=mask, clipping=None)
+        current = {k: v.value for k, v in stats.items()}
+        if train and self.is_initializing():
+            # As flax.linen.BatchNorm: `init` in training mode normalizes with the statistics
+            # of the local batch, updates nothing and runs no collective (so it works outside
+            # pmap with `axis_name` set, and on a batch of one).
+            batch = moments(x, self.axis, mask=mask)
+            current = {**current, "mean": batch.mean, "var": batch.var}
+            train = False
+        if not train:
+            y, _ = layer_batch_norm(self, x, current, params, training=False, mask=mask,
+                                    clipping=None)
             return y
         if not self.is_mutable_collection("batch_stats"):
             raise ValueError(
@@ -190,8 +197,8 @@ class BatchNorm(nn.Module):
                 "mutable=['batch_stats']), or use the moving statistics "
                 "(use_running_average=True)."
             )
-        y, new = layer_batch_norm(self, x, {k: v.value for k, v in stats.items()}, params,
-                                  training=True, mask=mask, clipping=self._clipping(step))
+        y, new = layer_batch_norm(self, x, current, params, training=True, mask=mask,
+                                  clipping=self._clipping(step))
         for key, var in stats.items():
             var.value = new[key]
         return y

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -46,6 +46,7 @@ __all__ = [
     "stat_dtype",
     "sums_of",
     "to_input_shape",
+    "value_count",
     "vma",
 ]
 
@@ -79,6 +80,19 @@ def to_input_shape(v: Array, ndim: int, axes: tuple[int, ...]) -> Array:
     for a, n in zip(axes, v.shape, strict=True):
         shape[a] = n
     return v.reshape(shape)
+
+
+def value_count(shape: Sequence[Any], red: tuple[int, ...]) -> Any:
+    """The number of values per feature, ``prod(shape[i] for i in red)``.
+
+    A Python int for a concrete shape; a symbolic dimension (``jax.export`` with a symbolic
+    batch) gives a symbolic count, which JAX turns into a value where it is used.
+
+    Example:
+      >>> value_count((4, 3, 2), (0, 1))
+      12
+    """
+    return math.prod(shape[i] for i in red)
 
 
 def _first_valid(x: Array, mask: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
@@ -126,7 +140,7 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
     dt = stat_dtype(x.dtype)
     red = tuple(i for i in range(x.ndim) if i not in axes)
     if mask is None:
-        count = jnp.full([x.shape[a] for a in axes], np.prod([x.shape[i] for i in red]), dt)
+        count = jnp.full([x.shape[a] for a in axes], value_count(x.shape, red), dt)
         shift, s1, s2 = lax.platform_dependent(
             x, cpu=functools.partial(_cpu_sums, red=red, axes=axes, dt=dt),
             default=functools.partial(_shifted_sums, red=red, axes=axes, dt=dt))
@@ -253,7 +267,7 @@ def _cpu_sums(x: Array, *, red: tuple[int, ...], axes: tuple[int, ...],
         return x.astype(dt)
 
     s1, s2 = sums_of(cast, lambda x: jnp.square(cast(x)), (x,), red)
-    n = np.prod([x.shape[i] for i in red])
+    n = value_count(x.shape, red)
     mean = s1 / n
     spread = s2 / n - mean * mean
     # One compare and one reduction; NaN and overflow fail it too.
@@ -349,6 +363,14 @@ def gather_sums(local: Array, axis_name: str | Sequence[str] | None, axis_index_
         return local[None]
     check_axis(axis_name, axis_index_groups)
     names = frozenset(axis_names(axis_name))
+    if axis_index_groups is not None and names <= vma(local):
+        raise ValueError(
+            f"axis_index_groups={axis_index_groups!r} with axis_name={axis_name!r} under "
+            "jax.shard_map: its psum has no axis_index_groups, so the backward pass cannot "
+            "run. Give the groups a mesh axis of their own instead, e.g. jax.make_mesh((4, 2), "
+            "('group', 'bn')) with the batch split over ('group', 'bn') and axis_name='bn' "
+            "(axis_index_groups is for jax.pmap)."
+        )
     if axis_index_groups is None and names <= vma(local) and _HAS_GATHER_TO:
         # Under jax.shard_map the gathered sums are the same on every device: say so, so that
         # the statistics (and the moving averages) are typed as replicated across the axis.
