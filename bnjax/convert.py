@@ -153,6 +153,21 @@ def _torch_source(source: Any, momentum: Any, eps: Any) -> tuple[Mapping[str, An
     return source.state_dict(), source.momentum, source.eps
 
 
+def _missing_stats_message(state_dict: Mapping[str, Any], prefix: str,
+                           sd: Mapping[str, Any], missing: list[str]) -> str:
+    """Why a state dict has no running statistics at ``prefix``, and what to pass instead."""
+    layers = sorted(k[: -len("running_mean")] for k in state_dict
+                    if k.endswith("running_mean") and k != prefix + "running_mean")
+    if layers:
+        shown = ", ".join(repr(p) for p in layers[:8]) + (", ..." if len(layers) > 8 else "")
+        return (f"state dict has no {missing} under prefix={prefix!r}: it holds "
+                f"{len(layers)} batch norm layer(s), under the prefixes {shown}. Convert one "
+                f"layer at a time, e.g. from_torch(state_dict, prefix={layers[0]!r}).")
+    return (f"state dict (prefix {prefix!r}, keys {sorted(sd)}) has no {missing}: a PyTorch "
+            "layer built with track_running_stats=False always normalizes with batch "
+            "statistics, which has no bnjax inference counterpart.")
+
+
 def from_torch(
     source: Any,
     *,
@@ -208,11 +223,7 @@ def from_torch(
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     missing = [k for k in ("running_mean", "running_var") if k not in sd]
     if missing:
-        raise ValueError(
-            f"state dict (prefix {prefix!r}, keys {sorted(sd)}) has no {missing}: a PyTorch "
-            "layer built with track_running_stats=False always normalizes with batch "
-            "statistics, which has no bnjax inference counterpart."
-        )
+        raise ValueError(_missing_stats_message(state_dict, prefix, sd, missing))
     var = _np(sd["running_var"]).astype(np.float64)
     if values_per_channel is not None:
         n = _check_n(values_per_channel)

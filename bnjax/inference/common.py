@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 
 Path = tuple[str, ...]
@@ -46,6 +47,47 @@ def copy_tree(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: copy_tree(v) for k, v in tree.items()}
     return tree
+
+
+def check_linen_model(model: Any, fn: str) -> None:
+    """Raises a ``TypeError`` naming ``fn`` unless ``model`` is a ``flax.linen`` module.
+
+    The inference tools read a linen model's variables and intercept its layer calls. An NNX
+    module, or an NNX module bridged to linen (``flax.nnx.bridge.to_linen``, whose layers run
+    inside NNX where no linen interceptor sees them), is refused by name rather than
+    processed with nothing found.
+
+    Example:
+      >>> from flax import nnx
+      >>> check_linen_model(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), "fold_batch_norm")
+      Traceback (most recent call last):
+      ...
+      TypeError: fold_batch_norm takes a flax.linen model; Linear is a flax.nnx.Module. ...
+    """
+    from flax import nnx
+
+    name = type(model).__name__
+    if isinstance(model, nnx.Module):
+        raise TypeError(
+            f"{fn} takes a flax.linen model; {name} is a flax.nnx.Module. bnjax's inference "
+            "tools (fold_batch_norm, export_folded_model, precise_batch_stats, "
+            "mc_batch_norm_predict) read a linen model's variables and layer calls; for an NNX "
+            "model, write it with flax.linen and bnjax.BatchNorm (the same fields as "
+            "bnjax.nnx.BatchNorm)."
+        )
+    if isinstance(model, nnx.bridge.ToLinen):
+        raise TypeError(bridged_message(fn, name))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn} takes a flax.linen model (an nn.Module); got {name}.")
+
+
+def bridged_message(fn: str, where: str) -> str:
+    """The error for an NNX module bridged to linen, met as the model or inside it."""
+    return (
+        f"{fn}: {where} is an NNX module bridged to linen (flax.nnx.bridge.to_linen); its "
+        "layers run inside NNX, where the inference tools cannot see them, so they would "
+        "silently do nothing there. Write that part with flax.linen and bnjax.BatchNorm."
+    )
 
 
 def copy_variables(variables: Any, name: str = "variables") -> dict[str, Any]:

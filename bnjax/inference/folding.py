@@ -23,6 +23,7 @@ from bnjax import functional as F
 from bnjax.inference.collect import batch_input
 from bnjax.inference.common import (
     Path,
+    check_linen_model,
     copy_tree,
     copy_variables,
     delete_path,
@@ -261,8 +262,7 @@ def fold_batch_norm(
       >>> bool(jnp.allclose(y, Net().apply(variables, x, training=False), atol=1e-5))
       True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model has type {type(model).__name__}; pass a flax.linen Module.")
+    check_linen_model(model, "fold_batch_norm")
     variables = copy_variables(variables)
     require_batch_stats(variables, "fold_batch_norm")
     call_kwargs = inference_call_kwargs(model, call_kwargs, "fold_batch_norm")
@@ -377,6 +377,7 @@ def export_folded_model(
     """
     from jax import export
 
+    check_linen_model(model, "export_folded_model")
     x = batch_input(x, "x", "x")
     call_kwargs = inference_call_kwargs(model, call_kwargs, "export_folded_model")
     folded, folded_vars = fold_batch_norm(model, variables, x, call_kwargs=call_kwargs)

@@ -19,6 +19,7 @@ import numpy as np
 from bnjax.inference.collect import batch_input, bn_layers, collect_batches, make_collector
 from bnjax.inference.common import (
     check_count,
+    check_linen_model,
     copy_variables,
     inference_call_kwargs,
     require_batch_stats,
@@ -115,6 +116,7 @@ def mc_batch_norm_predict(
     num_samples = check_count("num_samples", num_samples)
     if batch_size is not None:
         batch_size = check_count("batch_size", batch_size)
+    check_linen_model(model, "mc_batch_norm_predict")
     variables = copy_variables(variables)
     require_batch_stats(variables, "mc_batch_norm_predict")
     call_kwargs = inference_call_kwargs(model, call_kwargs, "mc_batch_norm_predict")

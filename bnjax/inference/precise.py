@@ -20,6 +20,7 @@ from bnjax.inference.collect import bn_layers, collect_batches, make_collector
 from bnjax.inference.common import (
     Path,
     check_count,
+    check_linen_model,
     copy_tree,
     copy_variables,
     get_path,
@@ -114,6 +115,7 @@ def precise_batch_stats(
     num_batches = check_count("num_batches", num_batches)
     if not isinstance(unbiased, bool | np.bool_):
         raise TypeError(f"unbiased={unbiased!r} must be a bool.")
+    check_linen_model(model, "precise_batch_stats")
     variables = copy_variables(variables)
     require_batch_stats(variables, "precise_batch_stats")
     call_kwargs = inference_call_kwargs(model, call_kwargs, "precise_batch_stats")

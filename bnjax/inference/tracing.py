@@ -20,10 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 
-from bnjax.inference.common import Path, path_str
+from bnjax.inference.common import Path, bridged_message, path_str
 from bnjax.linen import BatchNorm, resolve_training
 
 #: Layers whose statistics the tools recompute (subclasses included).
@@ -141,6 +142,8 @@ def intercept_layers(
         module = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        if isinstance(module, nnx.bridge.ToLinen):
+            raise TypeError(bridged_message("the inference tool", f"layer {module.path!r}"))
         if isinstance(module, BN_TYPES) and id(module) not in active:
             active.add(id(module))
             try:
