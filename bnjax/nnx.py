@@ -242,8 +242,11 @@ class BatchNorm(nnx.Module):
         y, new = layer_batch_norm(self, x, stats, params, training=train, mask=mask,
                                   clipping=self._clipping() if train else None)
         if train:
+            # As flax.nnx.BatchNorm: no gradient flows into statistics held in array refs.
+            stop = any(getattr(getattr(self, n), "_can_update", False) for n in names)
             for name in names:
-                getattr(self, name)[...] = new[name].astype(getattr(self, name)[...].dtype)
+                value = new[name].astype(getattr(self, name)[...].dtype)
+                getattr(self, name)[...] = jax.lax.stop_gradient(value) if stop else value
         return y
 
     def params(self) -> dict[str, Array]:

@@ -375,6 +375,12 @@ def gather_sums(local: Array, axis_name: str | Sequence[str] | None, axis_index_
         # Under jax.shard_map the gathered sums are the same on every device: say so, so that
         # the statistics (and the moving averages) are typed as replicated across the axis.
         out = lax.all_gather(local, axis_name, tiled=False, to="invarying")
+    elif len(names) > 1 and axis_index_groups is None:
+        # Several names outside jax.shard_map (nested vmap or pmap), where one all_gather
+        # over all of them is not supported: one per name, innermost first.
+        out = local
+        for name in reversed(axis_names(axis_name)):
+            out = lax.all_gather(out, name, tiled=False)
     else:
         out = lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups,
                              tiled=False)

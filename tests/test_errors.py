@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import bnjax
 import bnjax.nnx
@@ -176,3 +177,108 @@ def test_finite_float32_bound_is_exact_as_documented():
         else:
             np.testing.assert_array_equal(new["var"], 1.0)  # overflow refused by the guard
             np.testing.assert_array_equal(new["mean"], 0.0)
+
+
+def test_mask_shape_with_two_meanings_is_refused_and_each_spelling_works():
+    """A (C,) mask on (B, C) with B == C: per row (bnjax's old reading) or per feature
+    (NumPy broadcasting, Flax's); refused, and both explicit spellings mean what they say."""
+    x = np.random.default_rng(1).normal(size=(3, 3)) + np.arange(3)
+    flags = np.array([True, False, True])
+    with pytest.raises(ValueError, match=r"mask has shape \(3,\).*means two things.*"
+                                         r"mask\.reshape\(\(3, 1\)\).*mask\.reshape\(\(1, 3\)\)"):
+        bn(x=jnp.asarray(x, jnp.float32), mask=flags)
+    _, per_row = bn(x=jnp.asarray(x, jnp.float32), mask=flags.reshape(3, 1), momentum=0.0)
+    np.testing.assert_allclose(per_row["mean"], x[flags].mean(0), rtol=1e-5)
+    _, per_feature = bn(x=jnp.asarray(x, jnp.float32), mask=flags.reshape(1, 3), momentum=0.0)
+    np.testing.assert_allclose(per_feature["mean"][flags], x.mean(0)[flags], rtol=1e-5)
+    # The feature without any valid value keeps its moving statistics.
+    np.testing.assert_allclose(per_feature["mean"][1], STATS["mean"][1])
+    # Unambiguous shapes are read as before: (B,) with B != C is one flag per row.
+    _, rows = bn(x=X[:4], mask=np.array([True, True, False, True]), momentum=0.0)
+    np.testing.assert_allclose(rows["mean"], X[[0, 1, 3]].astype(np.float64).mean(0), rtol=1e-5)
+
+
+def test_axis_index_groups_under_shard_map_is_refused_in_the_forward():
+    mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    stats = {"mean": jnp.zeros(3), "var": jnp.ones(3)}
+
+    def f(x):
+        return bnjax.batch_norm(x, stats, training=True, axis_name="d",
+                                axis_index_groups=[[0, 1], [2, 3]])[0]
+
+    sharded = jax.shard_map(f, mesh=mesh, in_specs=jax.P("d"), out_specs=jax.P("d"))
+    with pytest.raises(ValueError, match=r"axis_index_groups=.*jax\.shard_map.*mesh axis"):
+        jax.jit(sharded)(jnp.ones((8, 3)))
+
+
+def test_subnormal_epsilon_is_refused_where_it_would_give_nan():
+    constant = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"epsilon=1e-40 is below the smallest normal float32"):
+        bn(x=constant, epsilon=1e-40)
+    with pytest.raises(ValueError, match=r"epsilon=0\.0 must be finite and > 0"):
+        bnjax.BatchNorm(epsilon=0.0).init(jax.random.key(0), constant, training=False)
+    with pytest.raises(ValueError, match="smallest normal float32"):
+        bnjax.BatchNorm(epsilon=1e-40).init(jax.random.key(0), constant, training=False)
+    # In float64 1e-40 is a normal number: accepted, and the constant channel stays finite.
+    with jax.enable_x64(True):
+        y, _ = bn(x=constant.astype(np.float64), epsilon=1e-40,
+                  stats={k: v.astype(np.float64) for k, v in STATS.items()})
+        assert np.isfinite(np.asarray(y)).all()
+
+
+@pytest.mark.parametrize("name, value", [("momentum", "0.9"), ("epsilon", "1e-3"),
+                                         ("momentum", [0.9]), ("epsilon", b"1")])
+def test_non_numbers_are_refused(name, value):
+    with pytest.raises(TypeError, match=f"{name}=.*must be a real scalar"):
+        bn(**{name: value})
+    with pytest.raises(TypeError, match=f"{name}=.*must be a real scalar"):
+        bnjax.BatchNorm(**{name: value}).init(jax.random.key(0), X, training=False)
+    with pytest.raises(TypeError, match=f"{name}=.*must be a real scalar"):
+        bnjax.nnx.BatchNorm(3, **{name: value})
+
+
+def test_from_torch_of_a_whole_model_names_the_layer_prefixes():
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2),
+                                torch.nn.ReLU(), torch.nn.Conv2d(2, 2, 3),
+                                torch.nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match=r"2 batch norm layer\(s\), under the prefixes '1\.', "
+                                         r"'4\.'.*prefix='1\.'"):
+        bnjax.convert.from_torch(model.state_dict())
+    converted = bnjax.convert.from_torch(model.state_dict(), prefix="4.")
+    np.testing.assert_allclose(converted.variables["batch_stats"]["var"],
+                               model[4].running_var.numpy())
+
+
+class _NNXNet(nnx.Module):
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(3, 4, rngs=rngs)
+        self.norm = bnjax.nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.dense(x))
+
+
+class _Bridged(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(2)(nnx.bridge.to_linen(_NNXNet)(x))
+
+
+def test_inference_tools_refuse_nnx_models_by_name():
+    model, x = _NNXNet(nnx.Rngs(0)), np.ones((4, 3), np.float32)
+    tools = {
+        "fold_batch_norm": lambda m, v: bnjax.fold_batch_norm(m, v, x),
+        "precise_batch_stats": lambda m, v: bnjax.precise_batch_stats(m, v, [x]),
+        "mc_batch_norm_predict": lambda m, v: bnjax.mc_batch_norm_predict(
+            m, v, x, [x], num_samples=2, rng=jax.random.key(0)),
+    }
+    for name, tool in tools.items():
+        with pytest.raises(TypeError, match=f"{name} takes a flax.linen model; _NNXNet is a "
+                                            "flax.nnx.Module"):
+            tool(model, nnx.state(model))
+    bridged = _Bridged()
+    variables = bridged.init(jax.random.key(0), x)
+    for tool in tools.values():  # precise_batch_stats reports it as the model failing to run
+        with pytest.raises((TypeError, ValueError), match=r"'ToLinen_0'.*bridged to linen"):
+            tool(bridged, variables)
