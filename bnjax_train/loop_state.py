@@ -28,8 +28,9 @@ class ParametersBlewUpError(NonFiniteTrainingError):
     """The parameters grew far past where they started; they were not checkpointed."""
 
 
-#: A checkpoint is refused when the parameters' norm is over this many times the initial one
-#: (or not finite): resuming from it could only fail again, whatever the learning rate.
+#: The default ``config.max_param_growth``: a checkpoint is refused when the parameters' norm
+#: is over this many times the initial one (or not finite): resuming from it could only fail
+#: again, whatever the learning rate.
 BLOW_UP_FACTOR = 1e3
 
 
@@ -47,12 +48,13 @@ def param_norm(params: Any) -> float:
 
 
 def check_not_blown_up(norm: float, initial: float, *, step: int, latest_step: int | None,
-                       workdir: str) -> None:
-    """Refuses to checkpoint parameters whose norm left ``BLOW_UP_FACTOR`` times the initial.
+                       workdir: str, factor: float = BLOW_UP_FACTOR) -> None:
+    """Refuses to checkpoint parameters whose norm left ``factor`` times the initial one.
 
     Args:
       norm: the parameters' norm at ``step`` (:func:`param_norm`).
       initial: their norm at initialization (the same seed gives it on every resume).
+      factor: ``config.max_param_growth``; 0 checks nothing.
       step: the step about to be checkpointed.
       latest_step: the newest checkpoint already saved (None if none).
       workdir: the run's folder (for the message).
@@ -66,8 +68,7 @@ def check_not_blown_up(norm: float, initial: float, *, step: int, latest_step: i
       ...
       bnjax_train.loop_state.ParametersBlewUpError: the parameters blew up: their norm ...
     """
-    bound = BLOW_UP_FACTOR * max(initial, 1.0)
-    if norm <= bound:  # False for NaN too
+    if not factor or norm <= factor * max(initial, 1.0):  # False for a NaN norm
         return
     if latest_step is None:
         then = (f"No checkpoint predates it: start over with a lower learning rate "
@@ -78,7 +79,8 @@ def check_not_blown_up(norm: float, initial: float, *, step: int, latest_step: i
                 "with a lower learning rate (--config.learning_rate=...) to resume from it.")
     raise ParametersBlewUpError(
         f"the parameters blew up: their norm is {norm:.3g} at step {step}, over "
-        f"{BLOW_UP_FACTOR:g} times the {initial:.3g} they started from; stopping without "
+        f"{factor:g} times the {initial:.3g} they started from (config.max_param_growth); "
+        "stopping without "
         f"saving them (a resume from them would fail the same way). {then}")
 
 

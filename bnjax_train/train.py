@@ -32,6 +32,7 @@ from bnjax_train import models as models_lib
 from bnjax_train.config_lib import check_model_builds, config_dict, resolved_norm, validate_config
 from bnjax_train.epochs import end_epoch, evaluate, train_epoch
 from bnjax_train.loop_state import (
+    BLOW_UP_FACTOR,
     LoopState,
     NonFiniteTrainingError,
     check_not_blown_up,
@@ -144,7 +145,8 @@ class Run:
         tree = self.placement.checkpoint_tree(state, self.rng_data)
         check_not_blown_up(param_norm(tree["params"]), self.initial_param_norm,
                            step=loop.step, latest_step=self.checkpoints.latest_step(),
-                           workdir=self.workdir)
+                           workdir=self.workdir,
+                           factor=self.config.get("max_param_growth", BLOW_UP_FACTOR))
         self.checkpoints.save(loop.step, tree, loop.meta())
 
 
