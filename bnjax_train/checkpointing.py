@@ -146,8 +146,10 @@ class Checkpoints:
             never takes it for a checkpoint).
         """
         _quiet_closed_loop_reads()  # what a failed write's pending I/O would print
+        verbose = logging.getLogger("absl").getEffectiveLevel() < logging.WARNING
         try:
-            with _quiet_orbax():  # a failed write logs each of its threads' errors
+            # A failed write logs each of its threads' errors (kept with --verbosity).
+            with contextlib.nullcontext() if verbose else _quiet_orbax():
                 self._manager.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(dict(meta))))
                 self._manager.wait_until_finished()
