@@ -11,9 +11,11 @@ checkpoint (damaged ones are skipped with a warning); on a finished run it print
 and writes nothing. ``--config.FIELD=VALUE`` sets any field of the config (in any order with
 ``--config``; ``--config.model_kwargs.features=(16,16)`` for the model's options); every field
 is checked before anything runs, and a bad one, a bad flag, config file or workdir ends the
-program with exit code 2 and one message naming it. When a run resumes, the learning rate and
-its schedule, the number of epochs, the evaluation and checkpoint cadence and the skip limit
-may change (the change is logged in ``metrics.jsonl``); other changes are refused.
+program with exit code 2 and one message naming it; so does a full disk (naming the folder
+and the space a checkpoint needs: the same command resumes once space is freed). When a run
+resumes, the learning rate and its schedule, the number of epochs, the evaluation and
+checkpoint cadence and the skip and blow-up limits may change (the change is logged in
+``metrics.jsonl``); other changes are refused.
 
 One run per workdir: a second ``train.py`` on a workdir in use exits at once (code 2) naming
 the running process. Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint

@@ -13,7 +13,8 @@ PyTorch (``torch.nn.BatchNorm1d/2d/3d``):
 - Momentum: PyTorch's ``momentum`` is the weight on the *new* batch value; bnjax's (Keras')
   is the weight on the *old* moving value, so ``bnjax = 1 - torch`` (0.1 -> 0.9), computed in
   decimal so that 0.1 -> 0.9 -> 0.1 round-trips exactly. ``momentum=None`` (PyTorch's
-  cumulative average) has no bnjax counterpart and leaves ``momentum`` out of ``kwargs``.
+  cumulative average) has no bnjax counterpart and leaves ``momentum`` out of ``kwargs``,
+  with a warning (``bnjax.BatchNorm(**kwargs)`` would train with its default 0.99).
 - Epsilon: the same placement, ``sqrt(var + eps)``; PyTorch's default is 1e-5 (bnjax 1e-3),
   so ``kwargs["epsilon"]`` carries it over.
 - Layout: PyTorch's features are axis 1 (``NCHW``), so ``kwargs["axis"] = 1`` by default;
@@ -44,6 +45,7 @@ TF-Keras 2, and the built-in regularizers and constraints) is carried into ``kwa
 from __future__ import annotations
 
 import decimal
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -241,6 +243,13 @@ def from_torch(
                               "param_dtype": param_dtype}
     if momentum is not None:
         kwargs["momentum"] = torch_momentum(momentum)
+    else:
+        warnings.warn(
+            "from_torch: momentum=None (PyTorch's cumulative average of every batch) has no "
+            "bnjax counterpart, so kwargs has no 'momentum' and bnjax.BatchNorm(**kwargs) "
+            "would train with its default momentum 0.99. The converted variables are exact "
+            "for inference; to train on, pass a momentum to bnjax.BatchNorm (or freeze the "
+            "layer: frozen=True).", UserWarning, stacklevel=2)
     return Converted({"params": params, "batch_stats": stats}, kwargs)
 
 

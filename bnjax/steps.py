@@ -33,6 +33,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from bnjax import spmd
+from bnjax._batch_mask import check_masked, masked_batch_norms, zero_padding
 from bnjax.validation import validate_data_parallel, validate_mesh_data_parallel
 
 __all__ = [
@@ -130,9 +131,9 @@ def _tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _example_mask(batch: Batch, n: int) -> jax.Array:
+def _example_mask(batch: Batch, n: int) -> jax.Array | None:
     mask = batch.get("mask")
-    return jnp.ones((n,), bool) if mask is None else jnp.asarray(mask).astype(bool).reshape(n)
+    return None if mask is None else jnp.asarray(mask).astype(bool).reshape(n)
 
 
 def _check_labels(y: Any) -> None:
@@ -142,6 +143,27 @@ def _check_labels(y: Any) -> None:
         )
 
 
+def _inputs(batch: Batch) -> tuple[Any, jax.Array, jax.Array | None, jax.Array]:
+    """``(x, y, mask or None, valid)``; padding (masked-out examples) replaced by zeros."""
+    x, y = batch["x"], batch["y"]
+    _check_labels(y)
+    mask = _example_mask(batch, y.shape[0])
+    if mask is None:
+        return x, y, None, jnp.ones((y.shape[0],), bool)
+    return zero_padding(x, mask), jnp.where(mask, y, 0), mask, mask
+
+
+def _apply(state: TrainState, params: Any, x: Any, mask: jax.Array | None,
+           **kwargs: Any) -> Any:
+    """The model on ``x``, ``mask`` passed to its batch norms (refused where it cannot be)."""
+    with masked_batch_norms(mask) as handled:
+        out = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, x,
+                             **kwargs)
+    if "mutable" in kwargs:
+        check_masked(out[1].get("batch_stats", {}), None if mask is None else handled)
+    return out
+
+
 def _train_step_body(
     state: TrainState,
     batch: Batch,
@@ -149,18 +171,14 @@ def _train_step_body(
     constrain_fn: Callable[[Any], Any] | None,
     manual: bool = False,
 ) -> tuple[TrainState, Metrics]:
-    x, y = batch["x"], batch["y"]
-    _check_labels(y)
-    n_local = y.shape[0]
-    valid = _example_mask(batch, n_local)
+    x, y, mask, valid = _inputs(batch)
     count = _global_sum(jnp.sum(valid, dtype=jnp.float32), axis_name)
     safe_count = jnp.maximum(count, 1.0)
     num_replicas = 1 if axis_name is None else jax.lax.psum(1, axis_name)
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array, jax.Array]]:
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, x, training=True,
-            mutable=["batch_stats", "losses"])
+        logits, updates = _apply(state, params, x, mask, training=True,
+                                 mutable=["batch_stats", "losses"])
         logits = logits.astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         ce_local = jnp.sum(jnp.where(valid, ce, 0.0))
@@ -205,11 +223,8 @@ def _train_step_body(
 
 def _eval_step_body(state: TrainState, batch: Batch,
                     axis_name: str | tuple[str, ...] | None) -> Metrics:
-    x, y = batch["x"], batch["y"]
-    _check_labels(y)
-    valid = _example_mask(batch, y.shape[0])
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, x,
-                            training=False).astype(jnp.float32)
+    x, y, mask, valid = _inputs(batch)
+    logits = _apply(state, state.params, x, mask, training=False).astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     loss_sum = jnp.sum(jnp.where(valid, ce, 0.0))
     correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False), dtype=jnp.float32)
@@ -292,6 +307,14 @@ def make_train_step(
     any gradient is not finite, params, optimizer state and batch_stats are left unchanged and
     ``metrics["skipped"]`` is 1 (``step`` still counts the batch).
 
+    A padded batch trains exactly as its valid examples alone: with ``batch["mask"]``, every
+    ``bnjax.BatchNorm`` and ``flax.linen.BatchNorm`` of the model gets ``mask=`` (one flag per
+    example, ``(B, 1, ..., 1)`` for its input; no change to the model), and the padding is
+    replaced by zeros before the model sees it, so NaN or huge padding reaches nothing. A
+    model whose batch statistics the mask cannot reach (another module keeping
+    ``batch_stats``, a ``flax.linen.BatchNorm`` with ``axis_name``, a batch norm whose input
+    does not have the examples on axis 0) is refused with a ``ValueError`` naming the module.
+
     Args:
       data_parallel: run under ``jax.pmap`` over the devices with ``axis_name``; the state
         is replicated (:func:`bnjax.parallel.replicate`) and batch arrays are
@@ -357,7 +380,8 @@ def make_eval_step(
     """Builds a compiled eval step ``(state, batch) -> {"loss_sum", "correct", "count"}``.
 
     The model runs with ``training=False`` (moving statistics); ``batch_stats`` never change.
-    The sums run over the valid examples (``batch["mask"]``) of the global batch; with
+    The sums run over the valid examples (``batch["mask"]``) of the global batch, whose mask
+    the model's batch norms get as in :func:`make_train_step` (padding zeroed); with
     ``data_parallel`` every device returns the same global sums, on a mesh they are replicated.
 
     Args:

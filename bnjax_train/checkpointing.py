@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -31,12 +32,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bnjax.parallel import host_first_replica
+from bnjax_train.workdir import disk_full_error, is_disk_full
 
 __all__ = [
     "META_KEYS",
     "Checkpoints",
     "NoIntactCheckpointError",
     "Restored",
+    "StateMismatchError",
     "check_meta",
     "restore_variables",
     "restored_problem",
@@ -50,6 +53,19 @@ META_KEYS = ("epoch", "batch_in_epoch", "epoch_sums", "consecutive_skips", "tota
 
 class NoIntactCheckpointError(ValueError):
     """A workdir holds checkpoints, none of them intact."""
+
+
+class StateMismatchError(ValueError):
+    """A workdir's checkpoints are readable but hold another state than the config builds."""
+
+
+#: How :func:`restored_problem` and orbax say that a checkpoint holds another state (another
+#: model or optimizer), which is not damage.
+_MISMATCH = ("its arrays are not those of this run's state", "tree structures do not match")
+
+
+def _is_mismatch(problem: str) -> bool:
+    return problem.startswith("array ") or any(m in problem for m in _MISMATCH)
 
 
 @dataclasses.dataclass
@@ -122,10 +138,43 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def save(self, step: int, tree: Any, meta: Mapping[str, Any]) -> None:
-        """Writes checkpoint ``step`` (arrays ``tree``, JSON ``meta``) and waits until done."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(dict(meta))))
-        self._manager.wait_until_finished()
+        """Writes checkpoint ``step`` (arrays ``tree``, JSON ``meta``) and waits until done.
+
+        Raises:
+          bnjax_train.workdir.DiskFullError: the disk is full; the message names the folder
+            and the space a checkpoint needs (the half-written one is left to orbax, which
+            never takes it for a checkpoint).
+        """
+        _quiet_closed_loop_reads()  # what a failed write's pending I/O would print
+        verbose = logging.getLogger("absl").getEffectiveLevel() < logging.WARNING
+        try:
+            # A failed write logs each of its threads' errors (kept with --verbosity).
+            with contextlib.nullcontext() if verbose else _quiet_orbax():
+                self._manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(dict(meta))))
+                self._manager.wait_until_finished()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            needed = max(self.checkpoint_bytes(),
+                         sum(np.asarray(a).nbytes for a in jax.tree.leaves(tree)))
+            raise disk_full_error(self.directory, needed) from None
+
+    def newest_on_disk(self) -> int | None:
+        """The newest step folder (orbax names one only once complete); works closed too."""
+        if not os.path.isdir(self.directory):
+            return None
+        return max((int(d) for d in os.listdir(self.directory) if d.isdigit()), default=None)
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes the newest complete checkpoint takes on disk (0 without one)."""
+        step = self.newest_on_disk()
+        total = 0
+        for root, _, files in os.walk(os.path.join(self.directory, str(step))):
+            for name in files:
+                st = os.stat(os.path.join(root, name))
+                total += max(st.st_size, st.st_blocks * 512)
+        return total if step is not None else 0
 
     def all_steps(self) -> list[int]:
         """The steps of every checkpoint folder, complete or not, oldest first."""
@@ -160,6 +209,8 @@ class Checkpoints:
         Raises:
           NoIntactCheckpointError: there are checkpoints, none intact; the message names
             each, why it was rejected, and how to start over.
+          StateMismatchError: every checkpoint holds another state than ``target`` (another
+            model or optimizer: not damage).
         """
         skipped: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
@@ -176,6 +227,13 @@ class Checkpoints:
         if not skipped:
             return None
         workdir = os.path.dirname(self.directory)
+        if all(_is_mismatch(why) for _, why in skipped):
+            raise StateMismatchError(
+                f"the checkpoints in {self.directory} (steps "
+                f"{', '.join(str(step) for step, _ in skipped)}) are readable but hold the "
+                "state of another model or optimizer than this config builds (newest: "
+                f"{skipped[0][1]}); they are left as they are. Resume with the config the run "
+                "was started with, or use a new --workdir.")
         raise NoIntactCheckpointError(
             f"no intact checkpoint in {self.directory}: "
             + "; ".join(f"{step}: {why}" for step, why in skipped)
@@ -224,22 +282,31 @@ def _quiet_orbax() -> Iterator[None]:
 
 
 def _quiet_closed_loop_reads() -> None:
-    """Drops the "Event loop is closed" errors of reads left over from a failed restore.
+    """Drops the "Event loop is closed" errors of I/O left over from a failed restore or save.
 
-    When orbax gives up on a damaged checkpoint, tensorstore still finishes the other reads
-    and reports into orbax's closed event loop; Python prints each as an unraisable error.
+    When orbax gives up on a damaged checkpoint (or a write to a full disk), tensorstore still
+    finishes the other reads and writes and reports into orbax's closed event loop; Python
+    prints each as an unraisable error.
     """
+    def closed_loop(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
     previous = sys.unraisablehook
-    if getattr(previous, "bnjax_quiet", False):
-        return
+    if not getattr(previous, "bnjax_quiet", False):
+        def hook(unraisable: Any) -> None:
+            if not closed_loop(unraisable.exc_value):
+                previous(unraisable)
 
-    def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
-            previous(unraisable)
+        hook.bnjax_quiet = True  # type: ignore[attr-defined]
+        sys.unraisablehook = hook
+    previous_thread = threading.excepthook
+    if not getattr(previous_thread, "bnjax_quiet", False):
+        def thread_hook(args: Any) -> None:
+            if not closed_loop(args.exc_value):
+                previous_thread(args)
 
-    hook.bnjax_quiet = True  # type: ignore[attr-defined]
-    sys.unraisablehook = hook
+        thread_hook.bnjax_quiet = True  # type: ignore[attr-defined]
+        threading.excepthook = thread_hook
 
 
 def _one_line(error: BaseException) -> str:

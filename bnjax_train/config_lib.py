@@ -63,13 +63,16 @@ SCHEDULES = ("constant", "cosine", "warmup_cosine")
 INVOCATION_FIELDS = ("stop_after_steps", "progress_bar", "data_dir", "parallel")
 #: Fields that may change when a run resumes (they leave every array's shape as it is: the
 #: learning rate and its schedule, the number of epochs, evaluation and checkpoint cadence,
-#: the skip limit, the inference tools at the end); the change is logged in ``metrics.jsonl``.
+#: the skip and blow-up limits, the inference tools at the end); the change is logged in
+#: ``metrics.jsonl``.
 RESUME_CHANGEABLE_FIELDS = ("learning_rate", "schedule", "warmup_epochs", "num_epochs",
                             "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
-                            "max_consecutive_skips", "precise_bn_batches", "export_folded")
+                            "max_consecutive_skips", "max_param_growth", "precise_bn_batches",
+                            "export_folded")
 #: Every field that may differ between a run and its resumption.
 RESUME_FREE_FIELDS = INVOCATION_FIELDS + RESUME_CHANGEABLE_FIELDS
-_OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded", "parallel")
+_OPTIONAL_FIELDS = ("with_bn", "precise_bn_batches", "export_folded", "parallel",
+                    "max_param_growth")
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) \
@@ -116,6 +119,8 @@ def _config_fields() -> dict[str, Check]:
         "weight_decay": (lambda v: _is_num(v) and v >= 0, "a finite number >= 0"),
         "momentum": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
         "max_consecutive_skips": _int_at_least(1),
+        "max_param_growth": (lambda v: _is_num(v) and (v == 0 or v >= 1),
+                             "0 (no limit) or a finite number >= 1"),
         "parallel": _one_of(("mesh", "shard_map", "pmap")),
         "checkpoint_every_steps": _int_at_least(0),
         "keep_checkpoints": _int_at_least(1),

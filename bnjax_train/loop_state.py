@@ -13,11 +13,75 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LoopState", "NonFiniteTrainingError"]
+import jax
+import numpy as np
+
+__all__ = ["BLOW_UP_FACTOR", "LoopState", "NonFiniteTrainingError", "ParametersBlewUpError",
+           "check_not_blown_up", "param_norm"]
 
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive train steps had a non-finite loss or gradient."""
+
+
+class ParametersBlewUpError(NonFiniteTrainingError):
+    """The parameters grew far past where they started; they were not checkpointed."""
+
+
+#: The default ``config.max_param_growth``: a checkpoint is refused when the parameters' norm
+#: is over this many times the initial one (or not finite): resuming from it could only fail
+#: again, whatever the learning rate.
+BLOW_UP_FACTOR = 1e3
+
+
+def param_norm(params: Any) -> float:
+    """The global L2 norm of a tree of host arrays, in float64.
+
+    Example:
+      >>> import numpy as np
+      >>> param_norm({"w": np.array([3.0, 0.0]), "b": np.array([4.0])})
+      5.0
+    """
+    leaves = [np.asarray(a, np.float64) for a in jax.tree.leaves(params)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.sqrt(sum(float(np.sum(a * a)) for a in leaves)))
+
+
+def check_not_blown_up(norm: float, initial: float, *, step: int, latest_step: int | None,
+                       workdir: str, factor: float = BLOW_UP_FACTOR) -> None:
+    """Refuses to checkpoint parameters whose norm left ``factor`` times the initial one.
+
+    Args:
+      norm: the parameters' norm at ``step`` (:func:`param_norm`).
+      initial: their norm at initialization (the same seed gives it on every resume).
+      factor: ``config.max_param_growth``; 0 checks nothing.
+      step: the step about to be checkpointed.
+      latest_step: the newest checkpoint already saved (None if none).
+      workdir: the run's folder (for the message).
+
+    Raises:
+      ParametersBlewUpError: saying which checkpoint to resume from, or to start over.
+
+    Example:
+      >>> check_not_blown_up(3e4, 7.5, step=8, latest_step=6, workdir="runs/x")
+      Traceback (most recent call last):
+      ...
+      bnjax_train.loop_state.ParametersBlewUpError: the parameters blew up: their norm ...
+    """
+    if not factor or norm <= factor * max(initial, 1.0):  # False for a NaN norm
+        return
+    if latest_step is None:
+        then = (f"No checkpoint predates it: start over with a lower learning rate "
+                f"(--config.learning_rate=...) after deleting or moving {workdir}, or in a "
+                "new --workdir.")
+    else:
+        then = (f"Checkpoint {latest_step}, the newest, predates it: run the same command "
+                "with a lower learning rate (--config.learning_rate=...) to resume from it.")
+    raise ParametersBlewUpError(
+        f"the parameters blew up: their norm is {norm:.3g} at step {step}, over "
+        f"{factor:g} times the {initial:.3g} they started from (config.max_param_growth); "
+        "stopping without "
+        f"saving them (a resume from them would fail the same way). {then}")
 
 
 def _zero_sums() -> list[float]:

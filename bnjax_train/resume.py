@@ -7,8 +7,9 @@ is refused (naming the fields), and a read-only workdir without checkpoints too.
 up to it, and says whether the run is already finished; a workdir that holds a run but no
 checkpoint at all is never silently started over. :func:`commit` then makes the workdir match:
 damaged checkpoints set aside, ``config.json`` rewritten, metrics lines past the checkpoint
-dropped (a killed run redoes them) and a config change logged -- nothing of which happens for
-a finished run, which writes nothing.
+dropped (a killed run redoes them), unreadable lines left out (the file as it was moved to
+``damaged_metrics/``, with a warning) and a config change logged -- nothing of which happens
+for a finished run, which writes nothing.
 """
 
 from __future__ import annotations
@@ -65,12 +66,14 @@ class ResumePoint:
       loop: the loop's position and sums there.
       lines: the ``metrics.jsonl`` lines up to that step (epoch and event lines).
       finished: the checkpoint is at the end of the last epoch of ``config.num_epochs``.
+      damaged_lines: numbers (from 1) of the unreadable lines of ``metrics.jsonl``.
     """
 
     restored: checkpointing.Restored | None
     loop: LoopState
     lines: list[dict[str, Any]]
     finished: bool
+    damaged_lines: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -85,6 +88,8 @@ def find_resume_point(checkpoints: checkpointing.Checkpoints, target: Any, *,
 
     Raises:
       bnjax_train.checkpointing.NoIntactCheckpointError: checkpoints, none intact.
+      bnjax_train.checkpointing.StateMismatchError: checkpoints of another model or
+        optimizer (the message says when ``config.json`` is missing).
       WorkdirError: ``metrics.jsonl`` has epoch lines but there is no checkpoint.
 
     Example:
@@ -97,8 +102,17 @@ def find_resume_point(checkpoints: checkpointing.Checkpoints, target: Any, *,
       >>> point.restored, point.loop.step, point.finished
       (None, 0, False)
     """
-    restored = checkpoints.restore_intact(target, steps_per_epoch=steps_per_epoch)
-    lines = run_files.read_metrics(metrics_path)
+    try:
+        restored = checkpoints.restore_intact(target, steps_per_epoch=steps_per_epoch)
+    except checkpointing.StateMismatchError as e:
+        config_json = os.path.join(os.path.dirname(metrics_path), "config.json")
+        if os.path.exists(config_json):
+            raise
+        raise checkpointing.StateMismatchError(
+            f"{e} {config_json}, the record of the run's config that names a changed field, "
+            "is missing.") from None
+    damaged: list[int] = []
+    lines = run_files.read_metrics(metrics_path, damaged)
     if restored is None:
         done = run_files.epoch_records(lines)
         if done:
@@ -107,11 +121,22 @@ def find_resume_point(checkpoints: checkpointing.Checkpoints, target: Any, *,
                 f"--workdir {workdir} holds a run (metrics up to step {done[-1].get('step')} "
                 f"in {metrics_path}) but no checkpoint in {checkpoints.directory}; it cannot "
                 f"resume. To start over, delete or move {workdir} (or use a new --workdir).")
-        return ResumePoint(None, LoopState(), [], False)
+        return ResumePoint(None, LoopState(), [], False, damaged)
     loop = LoopState.from_meta(restored.step, restored.meta)
     # Lines past the checkpoint come from a run killed after writing them: it redoes them.
     lines = [r for r in lines if r.get("step", 0) <= restored.step]
-    return ResumePoint(restored, loop, lines, loop.epoch >= num_epochs)
+    return ResumePoint(restored, loop, lines, loop.epoch >= num_epochs, damaged)
+
+
+def _damaged_lines_line(point: ResumePoint, moved: str | None) -> str:
+    """The one warning line about unreadable lines of ``metrics.jsonl``."""
+    numbers = point.damaged_lines
+    shown = ", ".join(map(str, numbers[:10])) + (", ..." if len(numbers) > 10 else "")
+    where = (f"the file moved as it was to {moved}" if moved
+             else "left as they are (the run is finished)")
+    return (f"warning: {len(numbers)} unreadable line(s) of metrics.jsonl (line {shown}) "
+            f"left out, {where}; kept its {len(point.lines)} readable line(s) up to step "
+            f"{point.loop.step}.")
 
 
 def _set_aside(checkpoints: checkpointing.Checkpoints, steps: list[int], is_main: bool,
@@ -160,6 +185,9 @@ def commit(point: ResumePoint, *, checkpoints: checkpointing.Checkpoints, workdi
               flush=True)
     if not is_main:
         return
+    if point.damaged_lines:
+        moved = run_files.set_aside_metrics(workdir)
+        print(_damaged_lines_line(point, moved), flush=True)
     if changes:
         point.lines.append({"event": "config_change", "step": point.loop.step,
                             "changes": dict(changes)})
@@ -196,5 +224,7 @@ def report_finished(point: ResumePoint, workdir: str, *, is_main: bool,
         restored = point.restored
         if restored is not None and restored.skipped:
             print(reporting.checkpoint_warning(restored.skipped, restored.step, []), flush=True)
+        if point.damaged_lines:
+            print(_damaged_lines_line(point, None), flush=True)
         print(reporting.finished_line(result, workdir), flush=True)
     return result

@@ -14,6 +14,7 @@ whole lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,10 +27,12 @@ __all__ = [
     "append_metrics",
     "check_same_config",
     "config_changes",
+    "drop_lines_after",
     "epoch_records",
     "finite_or_none",
     "read_config_json",
     "read_metrics",
+    "set_aside_metrics",
     "write_atomic",
     "write_metrics",
 ]
@@ -46,11 +49,16 @@ def write_atomic(path: str, text: str) -> None:
       ['a.txt']
     """
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk: leave no half file behind
+            os.remove(tmp)
+        raise
 
 
 def finite_or_none(tree: Any) -> Any:
@@ -73,29 +81,95 @@ def _line(record: Mapping[str, Any]) -> str:
     return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    r"""The complete lines of ``metrics.jsonl`` (a torn last line is dropped).
+def _readable(line: str) -> dict[str, Any] | None:
+    """A line as a metrics record: a JSON object whose ``step`` (if any) is a count."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step", 0)
+    return record if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def read_metrics(path: str, damaged: list[int] | None = None) -> list[dict[str, Any]]:
+    r"""The readable lines of ``metrics.jsonl`` (a torn last line is dropped).
+
+    A complete line that is not a metrics record (not JSON, not an object, a ``step`` that is
+    not a count) is left out, and its number (from 1) added to ``damaged``; the lines after
+    it are kept.
 
     Example:
       >>> import os, tempfile
       >>> with tempfile.TemporaryDirectory() as d:
       ...     path = os.path.join(d, "metrics.jsonl")
-      ...     write_atomic(path, '{"step": 4}\n{"step": 8')
-      ...     read_metrics(path)
-      [{'step': 4}]
+      ...     write_atomic(path, '{"step": 4}\n{garbage\n{"step": 8}\n{"step": 12')
+      ...     bad = []
+      ...     read_metrics(path, bad), bad
+      ([{'step': 4}, {'step': 8}], [2])
     """
     if not os.path.exists(path):
         return []
     out = []
-    with open(path) as f:
-        for line in f:
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, start=1):
             if not line.endswith("\n"):
-                break
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                break  # the half line of a process killed while writing it
+            record = _readable(line)
+            if record is not None:
+                out.append(record)
+            elif damaged is not None:
+                damaged.append(number)
     return out
+
+
+def drop_lines_after(path: str, step: int | None) -> None:
+    r"""Cuts ``metrics.jsonl`` before its first line past ``step`` (None: every epoch line).
+
+    Truncates in place, which needs no disk space: on a full disk it leaves the file as a
+    resume from checkpoint ``step`` (or a fresh start) would rewrite it.
+
+    Example:
+      >>> import os, tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     path = os.path.join(d, "metrics.jsonl")
+      ...     write_atomic(path, '{"step": 4}\n{"step": 8}\n')
+      ...     drop_lines_after(path, 4)
+      ...     read_metrics(path)
+      [{'step': 4}]
+    """
+    if not os.path.exists(path):
+        return
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            record = _readable(raw.decode(errors="replace"))
+            if not raw.endswith(b"\n") or (record is not None
+                                            and record.get("step", 0) > (step or 0)):
+                break
+            offset += len(raw)
+    os.truncate(path, offset)
+
+
+def set_aside_metrics(workdir: str) -> str:
+    r"""Moves ``metrics.jsonl`` to ``<workdir>/damaged_metrics/`` (as it is); its new path.
+
+    Example:
+      >>> import os, tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     write_atomic(os.path.join(d, "metrics.jsonl"), "{garbage\n")
+      ...     os.path.relpath(set_aside_metrics(d), d), os.listdir(d)
+      ('damaged_metrics/metrics.jsonl', ['damaged_metrics'])
+    """
+    aside = os.path.join(workdir, "damaged_metrics")
+    os.makedirs(aside, exist_ok=True)
+    dest, k = os.path.join(aside, "metrics.jsonl"), 1
+    while os.path.lexists(dest):
+        k += 1
+        dest = os.path.join(aside, f"metrics-{k}.jsonl")
+    os.replace(os.path.join(workdir, "metrics.jsonl"), dest)
+    return dest
 
 
 def epoch_records(lines: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -27,14 +27,26 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
-from bnjax_train import checkpointing, input_pipeline, parallelism, reporting, resume
+from bnjax_train import checkpointing, input_pipeline, parallelism, reporting, resume, run_files
 from bnjax_train import models as models_lib
 from bnjax_train.config_lib import check_model_builds, config_dict, resolved_norm, validate_config
 from bnjax_train.epochs import end_epoch, evaluate, train_epoch
-from bnjax_train.loop_state import LoopState, NonFiniteTrainingError
+from bnjax_train.loop_state import (
+    BLOW_UP_FACTOR,
+    LoopState,
+    NonFiniteTrainingError,
+    check_not_blown_up,
+    param_norm,
+)
 from bnjax_train.optimizers import make_optimizer
 from bnjax_train.stopping import StopSignals
-from bnjax_train.workdir import Claim, claim_workdir
+from bnjax_train.workdir import (
+    Claim,
+    DiskFullError,
+    claim_workdir,
+    disk_full_error,
+    is_disk_full,
+)
 
 __all__ = [
     "NonFiniteTrainingError",
@@ -94,6 +106,7 @@ class Run:
     process_index: int = 0
     process_count: int = 1
     stop: StopSignals | None = None
+    initial_param_norm: float = 0.0
 
     def stopping(self) -> bool:
         """Whether a SIGINT/SIGTERM asks the run to stop (agreed by every process)."""
@@ -123,8 +136,17 @@ class Run:
         return self.placement.fetch(tree)
 
     def save(self, state: bnjax.TrainState, loop: LoopState) -> None:
-        """Checkpoints ``state`` and ``loop`` at ``loop.step``."""
+        """Checkpoints ``state`` and ``loop`` at ``loop.step``, unless the parameters blew up.
+
+        Raises:
+          ParametersBlewUpError: their norm is far past the initial one (nothing is saved,
+            so the newest checkpoint is one a resume with a lower learning rate can use).
+        """
         tree = self.placement.checkpoint_tree(state, self.rng_data)
+        check_not_blown_up(param_norm(tree["params"]), self.initial_param_norm,
+                           step=loop.step, latest_step=self.checkpoints.latest_step(),
+                           workdir=self.workdir,
+                           factor=self.config.get("max_param_growth", BLOW_UP_FACTOR))
         self.checkpoints.save(loop.step, tree, loop.meta())
 
 
@@ -161,7 +183,8 @@ def _setup(config: Any, workdir: str) -> tuple[Run, bnjax.TrainState]:
               checkpoints=checkpointing.Checkpoints(workdir,
                                                     max_to_keep=config.keep_checkpoints),
               rng_data=rng_data, placement=placement, process_index=process_index,
-              process_count=process_count)
+              process_count=process_count,
+              initial_param_norm=param_norm(jax.device_get(state.params)))
     return run, state
 
 
@@ -242,6 +265,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         run.stop = stop
         try:
             return _run(run, state, claim, changes, t_start)
+        except Exception as e:
+            if not (isinstance(e, DiskFullError) or is_disk_full(e)):
+                raise
+            if run.is_main:  # what a resume would drop: the lines past the last checkpoint
+                run_files.drop_lines_after(run.metrics_path, run.checkpoints.newest_on_disk())
+            if isinstance(e, DiskFullError):  # a checkpoint's (named by Checkpoints.save)
+                raise
+            raise disk_full_error(workdir, run.checkpoints.checkpoint_bytes() + 2**20) from None
         finally:
             run.checkpoints.close()
 

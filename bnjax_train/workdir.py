@@ -25,14 +25,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-__all__ = ["ENTRIES", "LOCK_NAME", "Claim", "WorkdirBusyError", "WorkdirError",
-           "WorkdirLock", "check_workdir", "claim_workdir"]
+__all__ = ["ENTRIES", "LOCK_NAME", "Claim", "DiskFullError", "WorkdirBusyError", "WorkdirError",
+           "WorkdirLock", "check_workdir", "claim_workdir", "disk_full_error", "is_disk_full"]
 
 #: The lock file of process 0 (process ``i > 0`` of a multi-host run: ``.lock.<i>``).
 LOCK_NAME = ".lock"
 #: What a run writes in its workdir, and whether each is a folder.
 ENTRIES = {"checkpoints": True, "config.json": False, "metrics.jsonl": False,
-           "curves.png": False, "folded": True, "damaged_checkpoints": True}
+           "curves.png": False, "folded": True, "damaged_checkpoints": True,
+           "damaged_metrics": True}
 #: What a run that fails during start-up removes again if it created it.
 _STARTUP_ENTRIES = ("config.json", "metrics.jsonl", "checkpoints", "jax_cache")
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -44,6 +45,58 @@ class WorkdirError(ValueError):
 
 class WorkdirBusyError(WorkdirError):
     """Another process is running on this workdir."""
+
+
+class DiskFullError(WorkdirError):
+    """The disk holding the workdir is full (or the user's quota is used up)."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+#: How tensorstore (orbax's writer) says it, in the error it raises.
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "[os_error_code='28']",
+                   "[os_error_code='122']")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` says that the disk is full (``ENOSPC``, ``EDQUOT``).
+
+    Example:
+      >>> import errno
+      >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device")), is_disk_full(
+      ...     ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='28']"))
+      (True, True)
+    """
+    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+        return True
+    return any(text in str(error) for text in _NO_SPACE_TEXTS)
+
+
+def _size(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def disk_full_error(folder: str, needed: int) -> DiskFullError:
+    """The one message for a full disk: the folder, the space free and the space needed.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     print(disk_full_error(d, 3 * 2**20))  # doctest: +ELLIPSIS
+      no space left on the disk of /...: ... free, the run needs about 3.0 MiB more (one ...
+    """
+    try:
+        free = _size(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "unknown"
+    return DiskFullError(
+        f"no space left on the disk of {folder}: {free} free, the run needs about "
+        f"{_size(needed)} more (one checkpoint and its text files). Nothing written before "
+        "is lost: free some space there (or move the folder to a larger disk) and run the "
+        "same command to resume from the last complete checkpoint.")
 
 
 def _writable(folder: str) -> bool:

@@ -17,9 +17,9 @@ any with --config.FIELD=VALUE (--config.model_kwargs.OPTION=VALUE for the model'
 `python train.py --helpfull` lists the other flags. Running the same command again resumes
 the run in its workdir from the newest intact checkpoint; Ctrl-C or SIGTERM saves first.
 A resumed run may change learning_rate, schedule, warmup_epochs, num_epochs, eval_batch_size,
-checkpoint_every_steps, keep_checkpoints, max_consecutive_skips, precise_bn_batches and
-export_folded (the change is logged in metrics.jsonl), and data_dir, progress_bar and
-stop_after_steps; any other change is refused, naming the fields.
+checkpoint_every_steps, keep_checkpoints, max_consecutive_skips, max_param_growth,
+precise_bn_batches and export_folded (the change is logged in metrics.jsonl), and data_dir,
+progress_bar and stop_after_steps; any other change is refused, naming the fields.
 """
 
 import ml_collections
@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.weight_decay = 1e-4  # decoupled (adamw) or added to the gradient (sgd, momentum)
     config.momentum = 0.9  # for "momentum"
     config.max_consecutive_skips = 20  # stop after this many non-finite steps in a row
+    # Stop, without saving them, when the parameters' norm is over this many times its initial
+    # value (they blew up: no resume could use them); 0: no limit.
+    config.max_param_growth = 1000.0
 
     # Devices: with more than one, "mesh" (jax.jit over a device mesh), "shard_map" (the same
     # mesh under jax.shard_map) or "pmap"; a run may resume in another mode.

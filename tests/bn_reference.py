@@ -68,30 +68,30 @@ def to64(tree):
 
 
 def ref_train_step(variables, batch, *, layers, lr, penalty=0.0, clip=None):
-    """One SGD step of RefMLP on the whole batch, float64, returns (variables, loss, acc).
+    """One SGD step of RefMLP on the valid examples, float64, returns (variables, loss, acc).
 
-    loss = mean over valid examples of -log softmax(logits)[y] + penalty * sum(kernel**2)
+    loss = mean over the valid examples (``batch["mask"]``; the others are dropped) of
+    -log softmax(logits)[y] + penalty * sum(kernel**2)
     over the first Dense kernel (the penalty a bnjax test model sows into "losses").
     """
     with jax.enable_x64():
         model = RefMLP(layers=layers)
-        x = jnp.asarray(batch["x"], jnp.float64)
-        y = jnp.asarray(batch["y"])
+        # A masked-out example takes no part in anything: the reference is the step on the
+        # valid examples alone (batch norm included).
         mask = batch.get("mask")
-        valid = jnp.ones(len(y), bool) if mask is None else jnp.asarray(mask, bool)
+        valid = np.ones(len(batch["y"]), bool) if mask is None else np.asarray(mask, bool)
+        x = jnp.asarray(np.asarray(batch["x"])[valid], jnp.float64)
+        y = jnp.asarray(np.asarray(batch["y"])[valid])
         params, stats = to64(variables["params"]), to64(variables["batch_stats"])
 
         def loss_fn(p):
-            # The train step does not pass the mask to the model: BN sees every example,
-            # the loss only the valid ones.
             logits, upd = model.apply({"params": p, "batch_stats": stats}, x, training=True,
                                       mutable=["batch_stats"])
             logp = jax.nn.log_softmax(logits)
             nll = -jnp.take_along_axis(logp, y[:, None], 1)[:, 0]
-            ce = jnp.sum(jnp.where(valid, nll, 0)) / jnp.maximum(valid.sum(), 1)
+            ce = jnp.sum(nll) / max(len(y), 1)
             reg = penalty * jnp.sum(p["Dense_0"]["kernel"] ** 2)
-            acc = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False)) / jnp.maximum(
-                valid.sum(), 1)
+            acc = jnp.sum(jnp.argmax(logits, -1) == y) / max(len(y), 1)
             return ce + reg, (upd["batch_stats"], acc)
 
         (loss, (new_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

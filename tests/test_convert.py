@@ -1,5 +1,6 @@
 """PyTorch and Keras converters: round trips, PyTorch's eval formula, the running variance."""
 
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -92,9 +93,11 @@ def test_unbiased_running_var_rescaled_to_bnjax_biased_average(torch_momentum):
         rm = (1 - f) * rm + f * xb.mean(0)
         rv = (1 - f) * rv + f * xb.var(0, ddof=1)  # unbiased, as PyTorch stores it
     sd = {"running_mean": rm, "running_var": rv, "num_batches_tracked": np.array(steps)}
-    kept = convert.from_torch(sd, momentum=torch_momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # momentum=None warns: test_cumulative_average_warns
+        kept = convert.from_torch(sd, momentum=torch_momentum)
+        fixed = convert.from_torch(sd, momentum=torch_momentum, values_per_channel=n)
     np.testing.assert_allclose(np.asarray(kept.variables["batch_stats"]["var"]), rv, rtol=1e-6)
-    fixed = convert.from_torch(sd, momentum=torch_momentum, values_per_channel=n)
     # Reference: the same average of the biased variances, from the same initial value.
     ref = np.ones(c)
     for t, xb in enumerate(batches, start=1):
@@ -112,6 +115,20 @@ def test_unbiased_running_var_rescaled_to_bnjax_biased_average(torch_momentum):
         np.testing.assert_allclose(np.asarray(stats["mean"]), rm, rtol=1e-5, atol=1e-6)
     else:
         assert "momentum" not in fixed.kwargs
+
+
+def test_cumulative_average_warns_that_the_kwargs_would_train_with_0_99():
+    """momentum=None (PyTorch's cumulative average) has no bnjax momentum: said, not hidden."""
+    import torch
+
+    layer = torch.nn.BatchNorm1d(3, momentum=None)
+    with pytest.warns(UserWarning, match=r"momentum=None .*cumulative average.*0\.99"):
+        c = convert.from_torch(layer)
+    assert "momentum" not in c.kwargs
+    assert bnjax.BatchNorm(**c.kwargs).momentum == 0.99  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a momentum converts silently
+        assert convert.from_torch(torch.nn.BatchNorm1d(3)).kwargs["momentum"] == 0.9
 
 
 def test_torch_errors():

@@ -9,6 +9,7 @@ hand-written masked cross-entropy and plain SGD on the whole batch; "1e-5 relati
 error over the largest reference magnitude of each array.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,6 +197,7 @@ def _np_logits(variables, x):
 def test_eval_step_uses_moving_statistics_and_honours_the_mask(mode):
     state = make_state(model_axis(mode))
     b = batches(True, steps=1)[0]
+    b["x"][~b["mask"]] = np.nan  # padding reaches no valid sum
     step = step_lib.make_eval_step(**step_kwargs(mode))
     m = step(place(mode, state), prep(mode, b))
     m = {k: first(v) for k, v in m.items()}
@@ -209,6 +211,130 @@ def test_eval_step_uses_moving_statistics_and_honours_the_mask(mode):
     assert m["count"] == valid.sum()
     assert m["correct"] == np.sum((logits.argmax(1) == b["y"])[valid])
     close(m["loss_sum"], nll[valid].sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Padded batches: batch["mask"] reaches the model's batch norms, padding reaches nothing.
+
+PAD_ROWS = [1, 6, 7, 14]  # 16 rows over 8 devices: one device holds only padding
+
+
+def padded(value, n=16):
+    x, y = make_data(n, seed=3)
+    valid = ~np.isin(np.arange(n), PAD_ROWS)
+    x[~valid] = value
+    y[~valid] = 2
+    return {"x": x, "y": y, "mask": valid}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padded_masked_step_equals_the_step_on_the_valid_examples(mode):
+    """Zeros, 1e3 and NaN padding: params, moving statistics and loss of the 12 valid rows."""
+    ref, loss, acc = ref_train_step(init_variables(layers=LAYERS), padded(0.0), layers=LAYERS,
+                                    lr=LR)  # float64 flax.linen on the valid rows alone
+    step = step_lib.make_train_step(**step_kwargs(mode))
+    start = place(mode, make_state(model_axis(mode)))
+    for value in (0.0, 1e3, np.nan):
+        state, m = step(start, prep(mode, padded(value)))
+        m = host(m, mode)
+        assert float(np.ravel(m["skipped"])[0]) == 0.0, value
+        close(np.ravel(m["loss"])[0], loss, what=f"loss, padding {value}")
+        close(np.ravel(m["accuracy"])[0], acc, what=f"accuracy, padding {value}")
+        got = host({"params": state.params, "batch_stats": state.batch_stats}, mode)
+        for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(got),
+                                jax.tree.leaves(ref), strict=True):
+            close(g, r, what=f"{jax.tree_util.keystr(path)}, padding {value}")
+
+
+class FlaxBNMLP(nn.Module):
+    """SyncMLP's layers and names with flax.linen.BatchNorm (float32)."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, training):
+        for _ in range(LAYERS):
+            x = nn.Dense(6)(x)
+            x = nn.BatchNorm(use_running_average=not training, momentum=0.99, epsilon=1e-3,
+                             axis_name=self.axis_name)(x)
+            x = nn.relu(x)
+        return nn.Dense(3)(x)
+
+
+def test_flax_batch_norm_gets_the_mask_too():
+    ref, loss, _ = ref_train_step(init_variables(layers=LAYERS), padded(0.0), layers=LAYERS,
+                                  lr=LR)
+    v = init_variables(layers=LAYERS)
+    state = step_lib.TrainState.create(apply_fn=FlaxBNMLP().apply, params=v["params"],
+                                       batch_stats=v["batch_stats"], tx=optax.sgd(LR))
+    step = step_lib.make_train_step()
+    for value in (1e3, np.nan):
+        new, m = step(state, padded(value))
+        close(m["loss"], loss, what="loss")
+        got = jax.tree.map(np.asarray, {"params": new.params, "batch_stats": new.batch_stats})
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            close(g, r, rtol=1e-4, what=f"padding {value}")  # Flax's E[x^2] - E[x]^2
+
+
+class HandMadeNorm(nn.Module):
+    """A hand-made batch norm: its statistics live in batch_stats, it takes no mask."""
+
+    @nn.compact
+    def __call__(self, x, training):
+        mean = self.variable("batch_stats", "mean", jnp.zeros, x.shape[-1])
+        if training:
+            mean.value = 0.9 * mean.value + 0.1 * x.mean(0)
+        return x - mean.value
+
+
+class WithHandMadeNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, training):
+        return nn.Dense(3)(HandMadeNorm()(x, training))
+
+
+class Transposed(nn.Module):
+    """Normalizes over the examples of x.T (features on axis 0): no per-example mask fits."""
+
+    @nn.compact
+    def __call__(self, x, training):
+        import bnjax
+
+        return nn.Dense(3)(bnjax.BatchNorm(axis=0)(x.T, training=training).T)
+
+
+@pytest.mark.parametrize("model,mode,match", [
+    (FlaxBNMLP(axis_name="batch"), "pmap",
+     r"flax.linen.BatchNorm at 'BatchNorm_0' has axis_name='batch'.*bnjax.BatchNorm"),
+    (WithHandMadeNorm(), "single", r"batch statistics at 'HandMadeNorm_0'"),
+    (Transposed(), "single", r"BatchNorm at 'BatchNorm_0' gets an input of shape \(4, 16\)"),
+])
+def test_a_model_the_mask_cannot_reach_is_refused_by_name(model, mode, match):
+    x = jnp.ones((2, 4))
+    v = model.init(jax.random.key(0), x, training=False)
+    state = step_lib.TrainState.create(apply_fn=model.apply, params=v["params"],
+                                       batch_stats=v.get("batch_stats", {}), tx=optax.sgd(LR))
+    step = step_lib.make_train_step(**step_kwargs(mode))
+    with pytest.raises(ValueError, match=match):
+        step(place(mode, state), prep(mode, padded(0.0)))
+
+
+def test_each_batch_norm_gets_one_flag_per_example_whatever_its_rank():
+    """(B,) becomes (B, 1, 1) for a (B, T, C) input: the statistics of the valid examples."""
+    import bnjax
+    from bnjax._batch_mask import masked_batch_norms
+
+    x = np.random.RandomState(0).randn(5, 2, 3).astype(np.float32)
+    x[3] = 1e6
+    valid = np.arange(5) != 3
+    bn = bnjax.BatchNorm(momentum=0.0)
+    v = bn.init(jax.random.key(0), x, training=False)
+    with masked_batch_norms(jnp.asarray(valid)) as paths:
+        _, new = bn.apply(v, x, training=True, mutable=["batch_stats"])
+    assert paths == [()]
+    xv = x[valid].astype(np.float64).reshape(-1, 3)
+    close(new["batch_stats"]["mean"], xv.mean(0), what="mean")
+    close(new["batch_stats"]["var"], xv.var(0), what="var")
 
 
 # --------------------------------------------------------------------------------------------
