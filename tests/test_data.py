@@ -187,7 +187,7 @@ def test_missing_tfds_set_fails_fast_with_a_clear_message(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("name", ["mnist", "tfds:", "tfds:../x", "", None, "MNIST1D"])
 def test_unknown_dataset_names_are_rejected(name):
-    with pytest.raises(ValueError, match="dataset=.*accepted: 'mnist1d' or 'tfds:NAME'"):
+    with pytest.raises(ValueError, match="dataset=.*accepted: 'mnist1d', 'digits' or 'tfds:NAME'"):
         data.load_dataset(name)
 
 

@@ -13,7 +13,7 @@ import pytest
 from bnjax_train.config_lib import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRAM_ONLY = ("orbax", "tensorflow_datasets", "matplotlib", "mnist1d", "tqdm",
+PROGRAM_ONLY = ("orbax", "tensorflow_datasets", "matplotlib", "mnist1d", "tqdm", "sklearn",
                 "ml_collections", "bnjax_train", "benchmarks", "tensorflow", "scipy")
 
 
@@ -49,7 +49,7 @@ def test_wheel_ships_the_library_with_the_library_dependencies_only():
     assert find["include"] == ["bnjax", "bnjax.*"]
     train = " ".join(project["project"]["optional-dependencies"]["train"])
     for name in ("orbax-checkpoint", "ml_collections", "mnist1d", "tensorflow-datasets",
-                 "importlib_resources", "absl-py"):
+                 "importlib_resources", "absl-py", "scikit-learn"):
         assert name in train, name
     assert project["project"]["license"] == "Apache-2.0"
 

@@ -164,7 +164,7 @@ def test_tfds_dataset_end_to_end(tmp_path_factory, tmp_path):
 
 
 BAD_FIELDS = [
-    ("dataset", "mnist", "config.dataset='mnist': must be 'mnist1d' or 'tfds:NAME'"),
+    ("dataset", "mnist", "config.dataset='mnist': must be 'mnist1d', 'digits' or 'tfds:NAME'"),
     ("model", "vgg", "config.model='vgg': must be one of"),
     ("norm", "bogus", "config.norm='bogus': must be one of"),
     ("batch_size", 100, "config.batch_size=100: must be divisible by the 8 devices"),
