@@ -1,7 +1,8 @@
 """`python -m bnjax_train.studies`: every study's quick mode writes JSON, PNG and markdown whose
-table equals the one recomputed here from the JSON (float64 NumPy), with a verdict line; the
-vmapped training engine trains each run as a plain loop would; the studies' network computes
-what the zoo's CNN1D computes; the verdicts follow the numbers."""
+table equals the one recomputed here from the JSON (float64 NumPy), and says it decides
+nothing (no verdict); the vmapped training engine trains each run as a plain loop would (L2
+included); the studies' network computes what the zoo's CNN1D computes; the covariate-shift
+and smoothness probes compute what float64 NumPy does; the verdicts follow the numbers."""
 
 import json
 import os
@@ -19,20 +20,25 @@ from caches import fast_compile_env, shared_folder
 
 from benchmarks import report
 from bnjax_train.models import CNN1D, create_model
-from bnjax_train.studies import metrics, render
+from bnjax_train.studies import landscape, metrics, render
 from bnjax_train.studies.cli import parse_args
 from bnjax_train.studies.engine import Data, Recipe, train_runs
-from bnjax_train.studies.nets import StudyCNN1D
+from bnjax_train.studies.nets import NoisyShift, StudyCNN1D
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = ["learning_rate", "placement", "dropout", "batch_size", "momentum", "mcbn"]
+STUDIES = ["learning_rate", "placement", "dropout", "batch_size", "momentum", "mcbn",
+           "covariate_shift", "smoothness", "regularization"]
+ON_DIGITS = ["covariate_shift", "smoothness", "regularization"]
 STATUS = re.compile(r"^Verdict: (confirmed|partly confirmed|not confirmed|neither order|"
                     r"conv-ReLU-BN is better|conv-BN-ReLU is better)\b")
+# What only a verdict says: none of it may appear in a quick run's output.
+VERDICT_WORDS = re.compile(r"Verdict:|confirmed|neither order|conv-ReLU-BN is better|"
+                           r"conv-BN-ReLU is better")
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """All six studies with --quick, in one process (one JAX start, one MNIST-1D), once per
+    """All nine studies with --quick, in one process (one JAX start, one MNIST-1D), once per
     session: tests of this module on other xdist workers read the same files."""
     with shared_folder(tmp_path_factory, "bnjax_studies_quick") as out:
         record = out / "process.json"
@@ -175,9 +181,74 @@ def _expect_mcbn(data, header, rows):
                 assert cell == "-"
 
 
+def _probe_mean(run, key):
+    """A probe curve's mean over its defined, finite epochs (None when it has none)."""
+    vals = [v for v in run[key] if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _check_probe(cell, runs, key, digits=3):
+    vals = [m for m in (_probe_mean(r, key) for r in runs) if m is not None]
+    if len(vals) < len(runs) and vals:
+        assert cell.endswith(f"({len(vals)}/{len(runs)})"), cell
+        cell = cell.rsplit(" (", 1)[0]
+    _check(cell, vals, digits)
+
+
+def _exact(data, config):
+    return [r for r in data["results"]["runs"] if r["config"] == config]
+
+
+def _net_name(config):
+    if config["norm"] == "none":
+        return "no BN"
+    return ("noisy BN (mean ±{:g}, variance 1-{:g})".format(*config["noise"])
+            if config.get("noise") else "BN")
+
+
+def _expect_probes(columns):
+    def expect(data, header, rows):
+        configs = data["meta"]["settings"]["configs"]
+        assert [row[0] for row in rows] == [_net_name(c) for c in configs]
+        for config, row in zip(configs, rows, strict=True):
+            cells, runs = dict(zip(header, row, strict=True)), _exact(data, config)
+            assert len(runs) == len(data["meta"]["seeds"])
+            _check(cells["final test accuracy"], [r["test_accuracy"][-1] for r in runs])
+            for column, (key, digits) in columns.items():
+                _check_probe(cells[column], runs, key, digits)
+    return expect
+
+
+def _expect_regularization(data, header, rows):
+    s, spe = data["meta"]["settings"], data["results"]["steps_per_epoch"]
+    for config, row in zip(s["configs"], rows, strict=True):
+        cells, runs = dict(zip(header, row, strict=True)), _exact(data, config)
+        parts = (["BN"] if config["norm"] == "batch" else []) + (
+            [f"dropout {config['dropout']:g}"] if config["dropout"] else []) + (
+            [f"L2 {config['l2']:g}"] if config["l2"] else [])
+        assert row[0] == (" + ".join(parts) or "no regularizer")
+        test, train = ([r["test_accuracy"][-1] for r in runs],
+                       [r["train_accuracy"] for r in runs])
+        _check(cells["final test accuracy"], test)
+        _check(cells["training accuracy"], train)
+        _check(cells["train - test gap"], np.subtract(train, test))
+        for t in s["targets"]:
+            _check_steps(cells[f"steps to {t}"], runs, t, spe)
+
+
 EXPECT = {"learning_rate": _expect_learning_rate, "placement": _expect_configs,
           "dropout": _expect_configs, "batch_size": _expect_batch_size,
-          "momentum": _expect_momentum, "mcbn": _expect_mcbn}
+          "momentum": _expect_momentum, "mcbn": _expect_mcbn,
+          "covariate_shift": _expect_probes({
+              "feature shift per epoch": ("feature_shift", 3),
+              "gradient change (relative)": ("gradient_change", 3),
+              "gradient cosine": ("gradient_cosine", 3)}),
+          "smoothness": _expect_probes({
+              "loss range along the gradient": ("loss_range", 4),
+              "largest gradient change": ("gradient_change", 4),
+              "effective beta-smoothness": ("beta", 3),
+              "gradient norm": ("gradient_norm", 4)}),
+          "regularization": _expect_regularization}
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -196,27 +267,41 @@ def test_quick_study_writes_json_png_and_markdown(quick, name):
                              + report.render(out / f"{name}.json", "table")
                              + "\n<!-- end rendered -->\n")
     assert f"Claim: {render.CLAIMS[name]}" in markdown and "QUICK RUN" in markdown
-    verdicts = [line for line in markdown.splitlines() if line.startswith("Verdict: ")]
-    assert len(verdicts) == 1 and STATUS.match(verdicts[0]), verdicts
-    assert verdicts[0] in stdout
     header, rows = _table(markdown)
     EXPECT[name](data, header, rows)
 
 
-def test_docs_page_shows_the_six_full_runs():
+def test_quick_runs_decide_nothing(quick):
+    """A quick run's tables, files and printed output carry no verdict, and say so."""
+    out, stdout = quick
+    for name in STUDIES:
+        markdown = (out / f"{name}.md").read_text()
+        assert "No verdict: a quick run" in markdown, name
+        assert not VERDICT_WORDS.search(markdown), (name, VERDICT_WORDS.search(markdown))
+    assert not VERDICT_WORDS.search(stdout), VERDICT_WORDS.search(stdout)
+
+
+def test_docs_page_shows_the_full_runs():
     page = (REPO / "docs" / "studies.md").read_text()
     regions = {(m["path"], m["table"]) for m in report.MARKER.finditer(page)}
-    assert regions == {(f"docs/studies/{name}.json", "table") for name in STUDIES}
-    for name in STUDIES:
+    files = STUDIES + [f"{name}_digits" for name in ON_DIGITS]
+    assert regions == {(f"docs/studies/{name}.json", "table") for name in files}
+    for name in files:
         data = json.loads((REPO / "docs" / "studies" / f"{name}.json").read_text())
-        assert not data["meta"]["quick"] and len(data["meta"]["seeds"]) >= 3
+        assert not data["meta"]["quick"] and len(data["meta"]["seeds"]) >= 5
+        assert data["meta"]["settings"]["dataset"] == (
+            "digits" if name.endswith("_digits") else "mnist1d")
         assert f"](studies/{name}.png)" in page
         assert (REPO / "docs" / "studies" / f"{name}.png").stat().st_size > 10_000
+        assert STATUS.match(f"Verdict: {render.verdict(data)}")
         assert f"Verdict: {render.verdict(data)}" in page
 
 
 def test_cli_arguments():
     assert parse_args(["all"]).names == STUDIES and parse_args(["all"]).seeds == 5
+    assert parse_args(["all", "--dataset", "digits"]).names == ON_DIGITS
+    with pytest.raises(SystemExit):
+        parse_args(["mcbn", "--dataset", "digits"])
     with pytest.raises(SystemExit):
         parse_args(["placement", "--seeds", "0"])
     with pytest.raises(SystemExit):
@@ -272,7 +357,8 @@ def test_study_network_computes_what_the_zoo_cnn1d_computes():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_vmapped_runs_train_as_a_plain_loop_would():
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+def test_vmapped_runs_train_as_a_plain_loop_would(l2):
     # The model, recipe and training shapes of engine.train_runs's example: in one process
     # both train with the same compiled epoch.
     n, rng = 32, np.random.default_rng(0)
@@ -281,7 +367,7 @@ def test_vmapped_runs_train_as_a_plain_loop_would():
     model = create_model("mlp", num_classes=10, hidden=(4,))
     seeds, lrs, epochs, batch = [3, 7], [0.05, 0.5], 2, 16
     runs = train_runs(model, data, Recipe(optimizer="momentum", batch_size=batch,
-                                          epochs=epochs), seeds, lrs)
+                                          epochs=epochs, l2=l2), seeds, lrs)
     total = epochs * (n // batch)
 
     def sgd(lr):  # the run's own optimizer, its learning rate a traced value in `step`
@@ -292,8 +378,10 @@ def test_vmapped_runs_train_as_a_plain_loop_would():
         def loss(p):
             logits, upd = model.apply({"params": p, "batch_stats": stats}, x, training=True,
                                       mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd[
-                "batch_stats"]
+            penalty = sum(jnp.sum(layer["kernel"] ** 2) for layer in p.values()
+                          if "kernel" in layer)  # Keras's l2(l2) on every kernel
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + (
+                l2 * penalty), upd["batch_stats"]
 
         (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt = sgd(lr).update(g, opt, params)
@@ -348,3 +436,160 @@ def test_learning_rate_verdict_follows_the_numbers():
     partly = render.verdict(_lr_data({0.1: fast, 1.0: fast}, {0.1: slow, 1.0: slow}))
     assert partly.startswith("partly confirmed (faster at equal learning rates, faster at its "
                              "best learning rate; but not stable at larger learning rates)")
+
+
+def _mlp_numpy(params, x, y):
+    """Loss and gradients of x -> Dense -> ReLU -> Dense -> softmax cross-entropy, float64."""
+    w0, b0 = (np.asarray(params["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
+    w1, b1 = (np.asarray(params["Dense_1"][k], np.float64) for k in ("kernel", "bias"))
+    h = x @ w0 + b0
+    a = np.maximum(h, 0.0)
+    z = a @ w1 + b1
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    loss = -np.mean(np.log(p[np.arange(len(y)), y]))
+    dz = (p - np.eye(p.shape[1])[y]) / len(y)
+    dh = (dz @ w1.T) * (h > 0)
+    grads = {"Dense_0": {"kernel": x.T @ dh, "bias": dh.sum(0)},
+             "Dense_1": {"kernel": a.T @ dz, "bias": dz.sum(0)}}
+    return loss, grads, a
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(tree[k][n]) for k in sorted(tree) for n in sorted(tree[k])])
+
+
+def _step(params, grads, eta, layers):
+    return {k: {n: np.asarray(v, np.float64) - (eta * grads[k][n] if k in layers else 0.0)
+                for n, v in params[k].items()} for k in params}
+
+
+def test_landscape_probes_compute_what_float64_numpy_does():
+    # A study network with no conv layer and no norm: input -> Dense_0 -> ReLU -> Dense_1.
+    model = StudyCNN1D(num_classes=3, features=(), pool_after=(), hidden=5, norm="none")
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(2, 8, 6)).astype(np.float32)
+    ys = rng.integers(0, 3, size=(2, 8)).astype(np.int32)
+    keys = jax.random.split(jax.random.key(0), 2)
+    params = jax.vmap(lambda k: model.init(k, jnp.asarray(xs[0]), training=False))(keys)[
+        "params"]
+    shift = landscape.shift_probe(model, 0.5)(params, {}, xs, ys, keys)
+    smooth = landscape.smoothness_probe(model, (0.3, 1.0))(params, {}, xs, ys)
+    for r in range(2):
+        p = jax.tree.map(lambda a, r=r: np.asarray(a[r], np.float64), params)
+        for b in range(2):
+            x, y = xs[b].astype(np.float64), ys[b]
+            loss, g, feats = _mlp_numpy(p, x, y)
+            moved = _mlp_numpy(_step(p, g, 0.5, {"Dense_0"}), x, y)[1]
+            a, c = g["Dense_1"]["kernel"], moved["Dense_1"]["kernel"]
+            np.testing.assert_allclose(shift["gradient_change"][r, b],
+                                       np.linalg.norm(a - c) / np.linalg.norm(a), rtol=1e-4)
+            np.testing.assert_allclose(shift["gradient_cosine"][r, b], np.sum(a * c) / (
+                np.linalg.norm(a) * np.linalg.norm(c)), rtol=1e-4)
+            np.testing.assert_allclose(shift["mean"][r, b], feats.mean(0), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(shift["std"][r, b], feats.std(0), rtol=1e-4, atol=1e-6)
+            losses, changes, betas = [loss], [], []
+            for eta in (0.3, 1.0):
+                loss_eta, g_eta, _ = _mlp_numpy(_step(p, g, eta, set(p)), x, y)
+                change = np.linalg.norm(_flat(g_eta) - _flat(g))
+                losses.append(loss_eta)
+                changes.append(change)
+                betas.append(change / (eta * np.linalg.norm(_flat(g))))
+            for key, want in (("loss_range", max(losses) - min(losses)),
+                              ("gradient_change", max(changes)), ("beta", max(betas)),
+                              ("gradient_norm", np.linalg.norm(_flat(g)))):
+                np.testing.assert_allclose(smooth[key][r, b], want, rtol=2e-4, err_msg=key)
+    # The shift between epochs: the per-unit moves of mean and std over the summed std.
+    m0, s0, m1, s1 = rng.uniform(0.1, 1.0, size=(4, 2, 5))
+    want = (np.abs(m1 - m0).sum(1) + np.abs(s1 - s0).sum(1)) / s0.sum(1)
+    np.testing.assert_allclose(landscape.feature_shift((m0, s0), (m1, s1)), want, rtol=1e-12)
+
+
+def test_noisy_bn_noise_is_per_channel_redrawn_each_step_and_its_mean_at_inference():
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    noise = NoisyShift(mean=1.0, var=4.0)
+    draws = [np.asarray(noise.apply({}, x, True, rngs={"dropout": jax.random.key(k)}))
+             for k in range(200)]
+    scales, shifts = [], []
+    for y in draws:  # y = s * x + m per channel: recover s and m from two examples
+        s = (y[1] - y[0]) / (x[1] - x[0])
+        m = y[0] - s * x[0]
+        np.testing.assert_allclose(y, s * x + m, rtol=1e-4, atol=1e-4)
+        scales.append(s)
+        shifts.append(m)
+    scales, shifts = np.array(scales), np.array(shifts)
+    assert (scales >= 1.0 - 1e-5).all() and (scales <= 2.0 + 1e-5).all()
+    assert (np.abs(shifts) <= 1.0 + 1e-5).all() and shifts.std() > 0.3
+    assert len({tuple(np.round(s, 5)) for s in scales}) == 200  # a new draw every step
+    # s**2 ~ U(1, 4): E[s] = (2/3)(4**1.5 - 1)/(4 - 1) = 14/9, which inference multiplies by.
+    assert abs(scales.mean() - 14 / 9) < 0.05
+    np.testing.assert_allclose(noise.apply({}, x, False), x * 14 / 9, rtol=1e-6)
+
+
+def _shift_data(shift, accuracy):
+    """A covariate_shift JSON: per network, every seed's feature shift and final accuracy."""
+    configs = [{"norm": "batch"}, {"norm": "batch", "noise": [1.0, 4.0]}, {"norm": "none"}]
+    runs = [{"config": c, "seed": s, "test_accuracy": [0.5, accuracy[i] + 0.001 * s],
+             "train_loss": [1.0, 0.5], "feature_shift": [None, shift[i] + 0.01 * s],
+             "gradient_change": [shift[i] + 0.01 * s] * 2, "gradient_cosine": [0.9, 0.9],
+             "nonfinite": False} for i, c in enumerate(configs) for s in range(3)]
+    return {"meta": {"study": "covariate_shift", "settings": {"configs": configs}},
+            "results": {"runs": runs, "steps_per_epoch": 10, "num_classes": 10}}
+
+
+def test_covariate_shift_verdict_follows_the_numbers():
+    # BN shifts least; noisy BN shifts most yet keeps BN's accuracy: the mechanism fails.
+    kept = render.verdict(_shift_data([0.1, 0.9, 0.5], [0.95, 0.95, 0.90]))
+    assert kept.startswith("partly confirmed (BN reduces the shift; but not BN shifted more "
+                           "(noisy BN) loses accuracy)"), kept
+    lost = render.verdict(_shift_data([0.1, 0.9, 0.5], [0.95, 0.90, 0.90]))
+    assert lost.startswith("confirmed: feature shift per epoch 0.110 with BN vs 0.510 without")
+    assert render.verdict(_shift_data([0.5, 0.9, 0.1], [0.95, 0.95, 0.9])).startswith(
+        "not confirmed on this data")
+
+
+def _smooth_data(bn, none):
+    configs = [{"norm": "batch"}, {"norm": "none"}]
+    runs = [{"config": c, "seed": s, "test_accuracy": [0.9], "train_loss": [0.1],
+             "nonfinite": False, **{k: [v[j] * (1 + 0.01 * s), None]
+                                    for j, k in enumerate(("loss_range", "gradient_change",
+                                                           "beta", "gradient_norm"))}}
+            for c, v in zip(configs, (bn, none), strict=True) for s in range(3)]
+    return {"meta": {"study": "smoothness", "settings": {"configs": configs}},
+            "results": {"runs": runs, "steps_per_epoch": 10, "num_classes": 10}}
+
+
+def test_smoothness_verdict_follows_the_numbers():
+    assert render.verdict(_smooth_data([0.1, 1.0, 2.0, 1.0], [1.0, 5.0, 9.0, 1.0])).startswith(
+        "confirmed: loss range 0.101 with BN vs 1.01 without")
+    partly = render.verdict(_smooth_data([0.1, 5.0, 2.0, 1.0], [1.0, 5.0, 9.0, 1.0]))
+    assert partly.startswith("partly confirmed (smaller loss range with BN, smaller effective "
+                             "beta with BN; but not smaller gradient change with BN)"), partly
+
+
+def _regularization_data(test, train, steps_to=None):
+    configs = [{"norm": "none", "dropout": 0.0, "l2": 0.0},
+               {"norm": "batch", "dropout": 0.0, "l2": 0.0},
+               {"norm": "none", "dropout": 0.3, "l2": 0.0}]
+    runs = []
+    for i, c in enumerate(configs):
+        for s in range(3):
+            curve = [0.5] * steps_to[i] + [test[i] + 0.002 * s] if steps_to else [test[i]]
+            runs.append({"config": c, "seed": s, "test_accuracy": curve,
+                         "train_loss": [0.1] * len(curve), "nonfinite": False,
+                         "train_accuracy": train[i] + 0.001 * s})
+    return {"meta": {"study": "regularization", "settings": {
+        "configs": configs, "targets": [0.8], "little": 0.01}},
+        "results": {"runs": runs, "steps_per_epoch": 10, "num_classes": 10}}
+
+
+def test_regularization_verdict_follows_the_numbers():
+    # BN: a smaller gap, the target two epochs sooner, 0.005 more accuracy: all three parts.
+    yes = render.verdict(_regularization_data([0.850, 0.855, 0.87], [1.0, 0.95, 0.9],
+                                              steps_to=[3, 1, 2]))
+    assert yes.startswith("confirmed: BN vs no regularizer: train - test gap smaller by "
+                          "+0.055"), yes
+    assert "20 vs 40 steps to 0.8" in yes and "dropout 0.3 +0.020" in yes
+    big = render.verdict(_regularization_data([0.80, 0.90, 0.87], [1.0, 1.0, 0.9]))
+    assert big.startswith("partly confirmed (BN narrows the train-test gap; but not BN speeds "
+                          "training, BN adds little accuracy (under 0.01))"), big

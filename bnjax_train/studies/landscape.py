@@ -34,7 +34,7 @@ from bnjax_train.studies.engine import Data, train_runs
 from bnjax_train.studies.training import Settings, make_model, make_recipe, records, timing
 
 __all__ = ["feature_shift", "output_layer", "probe_batches", "run_covariate_shift",
-           "run_smoothness"]
+           "run_smoothness", "shift_probe", "smoothness_probe"]
 
 
 def output_layer(params: Any) -> str:
@@ -94,9 +94,34 @@ def _norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(tree)))
 
 
+def _toy_probe_inputs() -> tuple[nn.Module, Any, jax.Array, jax.Array]:
+    """A two-layer network's stacked variables (2 runs) and 3 probe batches of 4, for examples."""
+    from bnjax_train.studies.nets import StudyCNN1D
+
+    model = StudyCNN1D(num_classes=3, features=(), pool_after=(), hidden=5, norm="none")
+    xs = jax.random.normal(jax.random.key(0), (3, 4, 6))
+    keys = jax.random.split(jax.random.key(1), 2)
+    variables = jax.vmap(lambda k: model.init(k, xs[0], training=False))(keys)
+    return model, variables["params"], xs, jnp.zeros((3, 4), jnp.int32)
+
+
 @functools.lru_cache(maxsize=8)
-def _shift_fn(model: nn.Module, step: float) -> Callable[..., Any]:
-    """Per run and probe batch: the gradient change of the output layer, and its input."""
+def shift_probe(model: nn.Module, step: float) -> Callable[..., Any]:
+    """The covariate-shift probe: ``fn(params, stats, xs, ys, keys)`` of stacked runs.
+
+    For every run (leading axis of ``params``, ``stats`` and ``keys``) and probe batch
+    (leading axis of ``xs`` and ``ys``): the output layer's kernel gradient ``G``, and ``G'``
+    after every layer below takes the SGD step ``w - step * grad`` (noise: the next draw);
+    returns ``gradient_change`` ``|G - G'| / |G|``, ``gradient_cosine`` and the output layer
+    input's per-unit ``mean`` and ``std``, each ``(runs, batches, ...)``.
+
+    Example:
+      >>> model, params, xs, ys = _toy_probe_inputs()
+      >>> out = shift_probe(model, 0.1)(params, {}, xs, ys, jax.random.split(
+      ...     jax.random.key(2), 2))
+      >>> out["gradient_change"].shape, out["mean"].shape
+      ((2, 3), (2, 3, 5))
+    """
     grad = jax.grad(_loss_fn(model), has_aux=True)
 
     def one(params, stats, x, y, key):
@@ -118,8 +143,19 @@ def _shift_fn(model: nn.Module, step: float) -> Callable[..., Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def _smooth_fn(model: nn.Module, step_sizes: tuple[float, ...]) -> Callable[..., Any]:
-    """Per run and probe batch: loss range, gradient change and beta along the gradient."""
+def smoothness_probe(model: nn.Module, step_sizes: tuple[float, ...]) -> Callable[..., Any]:
+    """The smoothness probe: ``fn(params, stats, xs, ys)`` of stacked runs.
+
+    For every run and probe batch, at ``w`` with gradient ``g``: ``loss_range`` (largest minus
+    smallest loss among ``w`` and every ``w - eta * g``; infinite if one is not finite),
+    ``gradient_change`` (largest ``|g(w - eta g) - g|``), ``beta`` (largest
+    ``|g(w - eta g) - g| / |eta g|``) and ``gradient_norm`` ``|g|``, each ``(runs, batches)``.
+
+    Example:
+      >>> model, params, xs, ys = _toy_probe_inputs()
+      >>> smoothness_probe(model, (0.1, 0.2))(params, {}, xs, ys)["beta"].shape
+      (2, 3)
+    """
     value_grad = jax.value_and_grad(_loss_fn(model), has_aux=True)
 
     def one(params, stats, x, y):
@@ -177,7 +213,7 @@ def run_covariate_shift(data: Data, settings: Settings, seeds: Sequence[int]) ->
     previous: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def probe(model: nn.Module, variables: Any, epoch: int) -> dict[str, np.ndarray]:
-        fn = _shift_fn(model, float(settings["shift_step"]))
+        fn = shift_probe(model, float(settings["shift_step"]))
         n = jax.tree.leaves(variables["params"])[0].shape[0]
         keys = jnp.stack([jax.random.key(1_000_003 * epoch + r) for r in range(n)])
         got = jax.tree.map(np.asarray, fn(variables["params"], variables.get(
@@ -209,7 +245,7 @@ def run_smoothness(data: Data, settings: Settings, seeds: Sequence[int]) -> dict
 
     def probe(model: nn.Module, variables: Any, epoch: int) -> dict[str, np.ndarray]:
         del epoch
-        got = _smooth_fn(model, steps)(variables["params"], variables.get("batch_stats", {}),
+        got = smoothness_probe(model, steps)(variables["params"], variables.get("batch_stats", {}),
                                        xs, ys)
         return {k: np.asarray(v).mean(1) for k, v in got.items()}
 
