@@ -77,7 +77,7 @@ QUICK: dict[str, dict[str, Any]] = {
     # BN, dropout.
     "covariate_shift": {**_TINY, "epochs": 2, "probe_batches": 1,
                         "configs": [FULL["covariate_shift"]["configs"][i] for i in (2, 3)]},
-    "smoothness": {**_TINY, "probe_batches": 1, "step_sizes": [0.1, 0.4],
+    "smoothness": {**_TINY, "probe_batches": 1, "step_sizes": [0.4],
                    "configs": [{"norm": "batch"}]},
     "regularization": {**_TINY, "max_train": 200, "targets": [0.2, 0.3],
                        "configs": [_REGULARIZERS[i] for i in (2, 4)]},
