@@ -92,8 +92,8 @@ def _settings_line(data: Data) -> str:
     s, meta = data["meta"]["settings"], data["meta"]
     seeds = meta["seeds"]
     lr = s.get("learning_rate")
-    net = "2D" if s["dataset"] == "digits" else "1D"
-    facts = [f"StudyCNN1D, {net} (features {list(s['features'])}, dense {s['hidden']})",
+    net = " in 2D, on images" if s["dataset"] == "digits" else ""
+    facts = [f"StudyCNN1D{net} (features {list(s['features'])}, dense {s['hidden']})",
              _OPTIMIZER_NAMES.get(s["optimizer"], s["optimizer"]),
              *([f"learning rate {lr:g}"] if lr is not None and "reference_batch" not in s else []),
              *([f"learning rate {lr:g} x sqrt(batch / {s['reference_batch']})"]
