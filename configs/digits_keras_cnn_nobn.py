@@ -7,8 +7,8 @@ Command (no network, no preparation):
 
     python train.py --config configs/digits_keras_cnn_nobn.py --workdir runs/digits_keras_cnn_nobn
 
-Expected result: a test accuracy close to the BN network's, reached more slowly (measured:
-benchmarks/results/train_digits.json, rendered in docs/training.md).
+Expected result: about the BN network's final test accuracy, reached in more steps
+(measured: benchmarks/results/train_digits.json, rendered in docs/training.md).
 """
 
 import os

@@ -23,7 +23,7 @@ from bnjax_train.models import CNN1D, create_model
 from bnjax_train.studies import metrics, render
 from bnjax_train.studies.cli import parse_args
 from bnjax_train.studies.engine import Data, Recipe, train_runs
-from bnjax_train.studies.nets import StudyCNN1D
+from bnjax_train.studies.nets import NoisyShift, StudyCNN1D
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = ["learning_rate", "placement", "dropout", "batch_size", "momentum", "mcbn",
@@ -295,6 +295,13 @@ def test_docs_page_shows_the_full_runs():
         assert (REPO / "docs" / "studies" / f"{name}.png").stat().st_size > 10_000
         assert STATUS.match(f"Verdict: {render.verdict(data)}")
         assert f"Verdict: {render.verdict(data)}" in page
+
+
+def test_bad_recipe_and_noise_are_named():
+    with pytest.raises(ValueError, match=r"l2=-0.1 must be a finite number >= 0"):
+        Recipe(l2=-0.1)
+    with pytest.raises(ValueError, match=r"NoisyShift\(mean=1.0, var=0.5\): need"):
+        NoisyShift(1.0, 0.5).apply({}, jnp.ones((2, 3)), False)
 
 
 def test_cli_arguments():

@@ -112,6 +112,9 @@ class NoisyShift(nn.Module):
     @nn.compact
     def __call__(self, x: Array, training: bool) -> Array:
         """The noisy ``x`` in training, ``E[s] * x`` in inference."""
+        if not (0.0 <= self.mean < float("inf") and 1.0 <= self.var < float("inf")):
+            raise ValueError(f"NoisyShift(mean={self.mean!r}, var={self.var!r}): need a finite "
+                             "mean >= 0 and a finite var >= 1.")
         if not training:  # E[sqrt(u)] for u ~ U(1, var)
             var = max(float(self.var), 1.0 + 1e-6)
             return x * (2.0 / 3.0) * (var ** 1.5 - 1.0) / (var - 1.0)
