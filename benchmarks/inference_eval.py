@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
-from benchmarks.scores import auroc, entropy
 from bnjax_train import checkpointing, config_lib, input_pipeline, train
 from bnjax_train import models as models_lib
+from bnjax_train.studies.metrics import auroc, entropy
 
 __all__ = ["default_workdir", "run"]
 

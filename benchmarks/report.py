@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks.common import REPO, markdown_table
 from bnjax_train.studies.render import TABLES as STUDY_TABLES
+from bnjax_train.studies.render import provenance as _provenance
 
 __all__ = ["TABLES", "kind_of", "render", "render_all", "update"]
 
@@ -35,7 +36,6 @@ MARKER = re.compile(
 _MODE_NAMES = {"train_fwd": "train fwd", "train_fwd_bwd": "train fwd+bwd",
                "infer_fwd": "inference fwd"}
 _IMPLS = ("bnjax", "flax.linen", "flax.nnx", "floor")
-_VERSIONS = ("jax", "jaxlib", "flax", "optax", "numpy", "bnjax")
 
 
 def kind_of(data: Data) -> str:
@@ -228,55 +228,6 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "train": {"summary": _train_summary},
     "gpu_check": {"checks": _gpu_checks, "op": _op, "memory": _memory, "model": _model},
 }
-
-
-def _facts(data: Data) -> dict[str, Any]:
-    """The provenance fields of a results JSON, wherever its format kept them (None: absent)."""
-    meta = data.get("meta") or {}
-    env = {**(data.get("machine") or {}), **(data.get("environment") or {}),
-           **(meta.get("environment") or {})}
-    return {
-        "command": meta.get("command") or data.get("command"),
-        "git commit": meta.get("git_commit"),
-        "CPU model": env.get("cpu"),
-        "core count": env.get("cores") or env.get("cpu_count"),
-        "library versions": {k: env[k] for k in _VERSIONS if env.get(k)} or None,
-        "load average at start": env.get("load_average"),
-    }
-
-
-def _provenance(data: Data) -> str:
-    """The line under a table: how it was measured, and what the file does not record."""
-    f, meta = _facts(data), data.get("meta") or {}
-    parts = []
-    if f["command"]:
-        parts.append(f"`{f['command']}`")
-    if f["git commit"]:
-        parts.append(f"commit {f['git commit'][:12]}"
-                     + (" with local changes" if meta.get("git_dirty") else ""))
-    machine = ", ".join(str(v) for v in (f["CPU model"], f["core count"] and
-                                         f"{f['core count']} cores") if v)
-    if machine:
-        parts.append(machine)
-    if f["library versions"]:
-        parts.append(", ".join(f"{k} {v}" for k, v in f["library versions"].items()))
-    if f["load average at start"]:
-        parts.append("load average at start "
-                     + "/".join(str(v) for v in f["load average at start"]) + " (1/5/15 min)")
-    malloc = (meta.get("environment") or {}).get("malloc_env")
-    if malloc:
-        parts.append(" ".join(f"{k}={v}" for k, v in malloc.items()))
-    if meta.get("reps"):
-        parts.append(f"median of {meta['reps']} interleaved runs after {meta.get('warmup')} "
-                     "warm-up runs")
-    if meta.get("quick") or data.get("quick"):
-        parts.append("QUICK RUN: tiny shapes and few runs, the figures mean nothing")
-    line = "Measured with " + "; ".join(parts) + "."
-    missing = [k for k, v in f.items() if not v]
-    if missing:
-        line += ("\n\nNote: this file predates the full run metadata; not recorded: "
-                 + ", ".join(missing) + ".")
-    return line
 
 
 def render(path: str | Path, table: str) -> str:

@@ -19,10 +19,10 @@ it. Modules, from the entry point down:
 - :mod:`bnjax_train.config_lib`: the config schema and its validation, ``load_config``;
   :mod:`bnjax_train.model_options`: each model's ``model_kwargs``;
   :mod:`bnjax_train.overrides`: ``--config.FIELD=VALUE`` on the command line;
-- :mod:`bnjax_train.input_pipeline` and :mod:`bnjax_train.sources`: MNIST-1D and ``tfds:NAME``
-  sets, batches;
+- :mod:`bnjax_train.input_pipeline` and :mod:`bnjax_train.sources`: MNIST-1D, scikit-learn's
+  digits and ``tfds:NAME`` sets, batches;
 - :mod:`bnjax_train.models`: the model zoo with a pluggable norm;
-- :mod:`bnjax_train.studies`: ``python -m bnjax_train.studies NAME``, six claims about batch
+- :mod:`bnjax_train.studies`: ``python -m bnjax_train.studies NAME``, nine claims about batch
   norm measured over seeds (vmapped training runs), with tables, figures and verdicts;
 - :mod:`bnjax_train.reporting`: printed lines and ``curves.png``;
 - :mod:`bnjax_train.compare`: the batch-norm ablation (``python -m bnjax_train.compare``).

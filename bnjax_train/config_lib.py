@@ -98,7 +98,8 @@ def _is_bool(v: Any) -> bool:
 def _config_fields() -> dict[str, Check]:
     """Every field of a config: a check of its value and what the check accepts."""
     return {
-        "dataset": (_dataset_ok, "'mnist1d' or 'tfds:NAME' (e.g. 'tfds:mnist', 'tfds:cifar10')"),
+        "dataset": (_dataset_ok, "'mnist1d', 'digits' or 'tfds:NAME' (e.g. 'tfds:mnist', "
+                                 "'tfds:cifar10')"),
         "data_dir": (lambda v: isinstance(v, str) and bool(v), "a non-empty folder path"),
         "validation_split": (lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
         "max_train_examples": _int_at_least(0),

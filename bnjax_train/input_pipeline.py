@@ -1,6 +1,7 @@
 """Datasets for the training program, in memory, and their train and eval batches.
 
-Names (the ``dataset`` config field): ``"mnist1d"`` (MNIST-1D, generated locally, no network) and
+Names (the ``dataset`` config field): ``"mnist1d"`` (MNIST-1D, generated locally, no network),
+``"digits"`` (scikit-learn's 8x8 digits, shipped with it) and
 ``"tfds:NAME"`` (a tensorflow-datasets image classification set, ``mnist``, ``kmnist``,
 ``fashion_mnist``, ``cifar10``, ..., prepared on disk beforehand); :mod:`bnjax_train.sources`
 reads them. The training program never downloads: a set that is not on disk fails at once with

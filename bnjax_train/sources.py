@@ -1,9 +1,15 @@
-"""Where the examples come from: MNIST-1D (generated locally) and prepared tensorflow-datasets sets.
+"""Where the examples come from: MNIST-1D, scikit-learn's digits and prepared tfds sets.
 
 - ``"mnist1d"``: MNIST-1D (Greydanus, 2020), made by the ``mnist1d`` package's
   ``make_dataset`` with its default arguments (``get_dataset_args()``: 4000 train and 1000 test
   sequences of length 40, seed 42) and cached as
   ``<data_dir>/mnist1d/mnist1d_default_v<package version>.npz``. No network.
+- ``"digits"``: the 1,797 handwritten digits bundled with scikit-learn
+  (``sklearn.datasets.load_digits``: 8x8 images of 17 grey levels, 0 to 16, ten classes),
+  split once and for all by a permutation drawn from seed 0: its first
+  :data:`DIGITS_TRAIN` (1,437, 80%) examples train, the other 360 test. Images
+  ``(8, 8, 1)`` float32 scaled by 1/16, standardized with the training images' mean and
+  standard deviation. No network: the data ship inside the package.
 - ``"tfds:NAME"``: a tensorflow-datasets image classification set read from a copy prepared in
   ``array_record`` format (read without TensorFlow) or, when TensorFlow is installed, in
   ``tfrecord`` format, only the records asked for. The training program never downloads; only
@@ -28,6 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = [
+    "DIGITS_TRAIN",
+    "LOCAL_DATASETS",
     "TFDS_PREFIX",
     "DatasetNotFoundError",
     "Source",
@@ -38,6 +46,10 @@ __all__ = [
 ]
 
 TFDS_PREFIX = "tfds:"
+#: The datasets made or shipped on this machine (no download, nothing to prepare).
+LOCAL_DATASETS: tuple[str, ...] = ("mnist1d", "digits")
+#: Training examples of ``"digits"`` (the first of its fixed permutation); the rest test.
+DIGITS_TRAIN = 1437
 _STATS_EXAMPLES = 10_000
 
 
@@ -79,23 +91,24 @@ def validate_dataset_name(name: Any) -> None:
       >>> validate_dataset_name("mnist")  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      ValueError: dataset='mnist' is not a known dataset; accepted: 'mnist1d' or 'tfds:NAME' ...
+      ValueError: dataset='mnist' is not a known dataset; accepted: 'mnist1d', 'digits' or ...
     """
     ok = isinstance(name, str) and (
-        name == "mnist1d"
+        name in LOCAL_DATASETS
         or (name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX)
             and ".." not in name and not name.startswith(TFDS_PREFIX + "/"))
     )
     if not ok:
         raise ValueError(
-            f"dataset={name!r} is not a known dataset; accepted: 'mnist1d' or 'tfds:NAME' (a "
+            f"dataset={name!r} is not a known dataset; accepted: 'mnist1d', 'digits' or "
+            "'tfds:NAME' (a "
             "tensorflow-datasets image classification set, e.g. 'tfds:mnist', 'tfds:kmnist', "
             "'tfds:fashion_mnist', 'tfds:cifar10')."
         )
 
 
 def open_source(name: str, data_dir: str) -> Source:
-    """The reader of dataset ``name`` (``"mnist1d"`` or ``"tfds:NAME"``).
+    """The reader of dataset ``name`` (``"mnist1d"``, ``"digits"`` or ``"tfds:NAME"``).
 
     Args:
       name: the dataset name.
@@ -120,6 +133,8 @@ def open_source(name: str, data_dir: str) -> Source:
     validate_dataset_name(name)
     if name == "mnist1d":
         return _ArrayReader(_load_mnist1d(data_dir))
+    if name == "digits":
+        return _DigitsReader(_load_digits())
     return _TfdsReader(name[len(TFDS_PREFIX):], data_dir)
 
 
@@ -141,6 +156,30 @@ class _ArrayReader:
     def stats(self, n_train: int) -> tuple[np.ndarray, np.ndarray, float]:
         # make_dataset already centres the whole set and scales it to unit variance.
         return np.zeros((), np.float32), np.ones((), np.float32), 1.0
+
+
+class _DigitsReader(_ArrayReader):
+    """Reads scikit-learn's digits: images of 0 to 16, standardized with the training set's."""
+
+    def stats(self, n_train: int) -> tuple[np.ndarray, np.ndarray, float]:
+        x = self.raw["x"][:n_train].astype(np.float64) / 16.0
+        return (np.float32(x.mean()).reshape(1), np.float32(max(x.std(), 1e-6)).reshape(1),
+                1.0 / 16.0)
+
+
+def _load_digits() -> dict[str, np.ndarray]:
+    """scikit-learn's bundled digits, ``(n, 8, 8, 1)`` float32 of 0 to 16, in the fixed split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("dataset 'digits' needs scikit-learn (it ships the images): "
+                          "pip install scikit-learn, or pip install -e '.[train]'") from e
+    digits = load_digits()
+    x = np.asarray(digits.images, np.float32)[..., None]
+    y = np.asarray(digits.target, np.int32)
+    order = np.random.default_rng(0).permutation(len(y))
+    train, test = order[:DIGITS_TRAIN], order[DIGITS_TRAIN:]
+    return {"x": x[train], "y": y[train], "x_test": x[test], "y_test": y[test]}
 
 
 def _mnist1d_cache_path(data_dir: str) -> str:
@@ -345,6 +384,9 @@ def prepare(name: str, data_dir: str) -> str:
       'data/kmnist/3.0.1'
     """
     validate_dataset_name(name)
+    if name == "digits":  # shipped inside scikit-learn: nothing to prepare
+        _load_digits()
+        return "sklearn.datasets.load_digits"
     if name == "mnist1d":
         _load_mnist1d(data_dir)
         return os.path.join(data_dir, "mnist1d")

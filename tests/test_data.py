@@ -185,9 +185,30 @@ def test_missing_tfds_set_fails_fast_with_a_clear_message(tmp_path, monkeypatch)
     assert "python -m bnjax_train.input_pipeline prepare tfds:mnist" in msg
 
 
+def test_digits_are_scikit_learns_in_the_documented_split(tmp_path):
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    order = np.random.default_rng(0).permutation(1797)  # the documented split: seed 0
+    train, test = order[:1437], order[1437:]
+    ds = data.load_dataset("digits", data_dir=str(tmp_path / "nothing_here"))
+    assert (len(ds.train), len(ds.test), ds.num_classes, ds.input_shape) == (
+        1437, 360, 10, (8, 8, 1))
+    np.testing.assert_array_equal(ds.train.x[..., 0], ref.images[train])
+    np.testing.assert_array_equal(ds.train.y, ref.target[train])
+    np.testing.assert_array_equal(ds.test.x[..., 0], ref.images[test])
+    np.testing.assert_array_equal(ds.test.y, ref.target[test])
+    assert not (tmp_path / "nothing_here").exists()  # nothing downloaded, nothing cached
+    # Batches are scaled to [0, 1] and standardized with the training images' statistics.
+    scaled = ref.images[train].astype(np.float64) / 16.0
+    want = (ref.images[test[:5]] / 16.0 - scaled.mean()) / scaled.std()
+    np.testing.assert_allclose(ds.normalize(ds.test.x[:5])[..., 0], want, rtol=1e-5, atol=1e-5)
+    assert data.prepare("digits", str(tmp_path)) == "sklearn.datasets.load_digits"
+
+
 @pytest.mark.parametrize("name", ["mnist", "tfds:", "tfds:../x", "", None, "MNIST1D"])
 def test_unknown_dataset_names_are_rejected(name):
-    with pytest.raises(ValueError, match="dataset=.*accepted: 'mnist1d' or 'tfds:NAME'"):
+    with pytest.raises(ValueError, match="dataset=.*accepted: 'mnist1d', 'digits' or 'tfds:NAME'"):
         data.load_dataset(name)
 
 

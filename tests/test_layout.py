@@ -1,8 +1,10 @@
 """The library and the program are apart: `import bnjax` loads none of the program's packages,
 the wheel ships only `bnjax`, and the program finds its configs from any directory."""
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -13,7 +15,7 @@ import pytest
 from bnjax_train.config_lib import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-PROGRAM_ONLY = ("orbax", "tensorflow_datasets", "matplotlib", "mnist1d", "tqdm",
+PROGRAM_ONLY = ("orbax", "tensorflow_datasets", "matplotlib", "mnist1d", "tqdm", "sklearn",
                 "ml_collections", "bnjax_train", "benchmarks", "tensorflow", "scipy")
 
 
@@ -49,7 +51,7 @@ def test_wheel_ships_the_library_with_the_library_dependencies_only():
     assert find["include"] == ["bnjax", "bnjax.*"]
     train = " ".join(project["project"]["optional-dependencies"]["train"])
     for name in ("orbax-checkpoint", "ml_collections", "mnist1d", "tensorflow-datasets",
-                 "importlib_resources", "absl-py"):
+                 "importlib_resources", "absl-py", "scikit-learn"):
         assert name in train, name
     assert project["project"]["license"] == "Apache-2.0"
 
@@ -66,3 +68,29 @@ def test_load_config_of_a_missing_file_names_what_it_tried(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="config file 'nope' not found"):
         load_config("nope")
+
+
+_BENCHMARKS_IMPORT = re.compile(r"^\s*(?:>>>|\.\.\.)?\s*(?:from\s+benchmarks(?:\.|\s)|import\s+"
+                                r"benchmarks\b)", re.M)
+
+
+def test_no_program_module_imports_benchmarks():
+    """The program never climbs back up into the benchmarks: not in code, not in examples."""
+    offenders = []
+    for path in sorted((REPO / "bnjax_train").rglob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names
+                          if n == "benchmarks" or n.startswith("benchmarks.")]
+        offenders += [f"{path.relative_to(REPO)}: docstring example {m.group().strip()!r}"
+                      for m in _BENCHMARKS_IMPORT.finditer(source) if ">>>" in m.group()]
+    assert not offenders, offenders
+    # And a fresh interpreter that imports every module of the program loads no benchmarks.
+    loaded = _modules_after(
+        "import pkgutil, importlib, bnjax_train\n"
+        "for m in pkgutil.walk_packages(bnjax_train.__path__, 'bnjax_train.'):\n"
+        "    importlib.import_module(m.name) if not m.name.endswith('__main__') else None",
+        REPO)
+    assert "benchmarks" not in loaded

@@ -1,7 +1,8 @@
 """`python -m bnjax_train.studies`: every study's quick mode writes JSON, PNG and markdown whose
-table equals the one recomputed here from the JSON (float64 NumPy), with a verdict line; the
-vmapped training engine trains each run as a plain loop would; the studies' network computes
-what the zoo's CNN1D computes; the verdicts follow the numbers."""
+table equals the one recomputed here from the JSON (float64 NumPy), and says it decides
+nothing (no verdict); the vmapped training engine trains each run as a plain loop would (L2
+included); the studies' network computes what the zoo's CNN1D computes; the verdicts follow
+the numbers (those of the last three studies: tests/test_landscape.py)."""
 
 import json
 import os
@@ -22,17 +23,22 @@ from bnjax_train.models import CNN1D, create_model
 from bnjax_train.studies import metrics, render
 from bnjax_train.studies.cli import parse_args
 from bnjax_train.studies.engine import Data, Recipe, train_runs
-from bnjax_train.studies.nets import StudyCNN1D
+from bnjax_train.studies.nets import NoisyShift, StudyCNN1D
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = ["learning_rate", "placement", "dropout", "batch_size", "momentum", "mcbn"]
+STUDIES = ["learning_rate", "placement", "dropout", "batch_size", "momentum", "mcbn",
+           "covariate_shift", "smoothness", "regularization"]
+ON_DIGITS = ["covariate_shift", "smoothness", "regularization"]
 STATUS = re.compile(r"^Verdict: (confirmed|partly confirmed|not confirmed|neither order|"
                     r"conv-ReLU-BN is better|conv-BN-ReLU is better)\b")
+# What only a verdict says: none of it may appear in a quick run's output.
+VERDICT_WORDS = re.compile(r"Verdict:|confirmed|neither order|conv-ReLU-BN is better|"
+                           r"conv-BN-ReLU is better")
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """All six studies with --quick, in one process (one JAX start, one MNIST-1D), once per
+    """All nine studies with --quick, in one process (one JAX start, one MNIST-1D), once per
     session: tests of this module on other xdist workers read the same files."""
     with shared_folder(tmp_path_factory, "bnjax_studies_quick") as out:
         record = out / "process.json"
@@ -175,9 +181,74 @@ def _expect_mcbn(data, header, rows):
                 assert cell == "-"
 
 
+def _probe_mean(run, key):
+    """A probe curve's mean over its defined, finite epochs (None when it has none)."""
+    vals = [v for v in run[key] if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def _check_probe(cell, runs, key, digits=3):
+    vals = [m for m in (_probe_mean(r, key) for r in runs) if m is not None]
+    if len(vals) < len(runs) and vals:
+        assert cell.endswith(f"({len(vals)}/{len(runs)})"), cell
+        cell = cell.rsplit(" (", 1)[0]
+    _check(cell, vals, digits)
+
+
+def _exact(data, config):
+    return [r for r in data["results"]["runs"] if r["config"] == config]
+
+
+def _net_name(config):
+    if config["norm"] == "none":
+        return "no BN"
+    return ("noisy BN (mean ±{:g}, variance 1-{:g})".format(*config["noise"])
+            if config.get("noise") else "BN")
+
+
+def _expect_probes(columns):
+    def expect(data, header, rows):
+        configs = data["meta"]["settings"]["configs"]
+        assert [row[0] for row in rows] == [_net_name(c) for c in configs]
+        for config, row in zip(configs, rows, strict=True):
+            cells, runs = dict(zip(header, row, strict=True)), _exact(data, config)
+            assert len(runs) == len(data["meta"]["seeds"])
+            _check(cells["final test accuracy"], [r["test_accuracy"][-1] for r in runs])
+            for column, (key, digits) in columns.items():
+                _check_probe(cells[column], runs, key, digits)
+    return expect
+
+
+def _expect_regularization(data, header, rows):
+    s, spe = data["meta"]["settings"], data["results"]["steps_per_epoch"]
+    for config, row in zip(s["configs"], rows, strict=True):
+        cells, runs = dict(zip(header, row, strict=True)), _exact(data, config)
+        parts = (["BN"] if config["norm"] == "batch" else []) + (
+            [f"dropout {config['dropout']:g}"] if config["dropout"] else []) + (
+            [f"L2 {config['l2']:g}"] if config["l2"] else [])
+        assert row[0] == (" + ".join(parts) or "no regularizer")
+        test, train = ([r["test_accuracy"][-1] for r in runs],
+                       [r["train_accuracy"] for r in runs])
+        _check(cells["final test accuracy"], test)
+        _check(cells["training accuracy"], train)
+        _check(cells["train - test gap"], np.subtract(train, test))
+        for t in s["targets"]:
+            _check_steps(cells[f"steps to {t}"], runs, t, spe)
+
+
 EXPECT = {"learning_rate": _expect_learning_rate, "placement": _expect_configs,
           "dropout": _expect_configs, "batch_size": _expect_batch_size,
-          "momentum": _expect_momentum, "mcbn": _expect_mcbn}
+          "momentum": _expect_momentum, "mcbn": _expect_mcbn,
+          "covariate_shift": _expect_probes({
+              "feature shift per epoch": ("feature_shift", 3),
+              "gradient change (relative)": ("gradient_change", 3),
+              "gradient cosine": ("gradient_cosine", 3)}),
+          "smoothness": _expect_probes({
+              "loss range along the gradient": ("loss_range", 4),
+              "largest gradient change": ("gradient_change", 4),
+              "effective beta-smoothness": ("beta", 3),
+              "gradient norm": ("gradient_norm", 4)}),
+          "regularization": _expect_regularization}
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -196,27 +267,48 @@ def test_quick_study_writes_json_png_and_markdown(quick, name):
                              + report.render(out / f"{name}.json", "table")
                              + "\n<!-- end rendered -->\n")
     assert f"Claim: {render.CLAIMS[name]}" in markdown and "QUICK RUN" in markdown
-    verdicts = [line for line in markdown.splitlines() if line.startswith("Verdict: ")]
-    assert len(verdicts) == 1 and STATUS.match(verdicts[0]), verdicts
-    assert verdicts[0] in stdout
     header, rows = _table(markdown)
     EXPECT[name](data, header, rows)
 
 
-def test_docs_page_shows_the_six_full_runs():
+def test_quick_runs_decide_nothing(quick):
+    """A quick run's tables, files and printed output carry no verdict, and say so."""
+    out, stdout = quick
+    for name in STUDIES:
+        markdown = (out / f"{name}.md").read_text()
+        assert "No verdict: a quick run" in markdown, name
+        assert not VERDICT_WORDS.search(markdown), (name, VERDICT_WORDS.search(markdown))
+    assert not VERDICT_WORDS.search(stdout), VERDICT_WORDS.search(stdout)
+
+
+def test_docs_page_shows_the_full_runs():
     page = (REPO / "docs" / "studies.md").read_text()
     regions = {(m["path"], m["table"]) for m in report.MARKER.finditer(page)}
-    assert regions == {(f"docs/studies/{name}.json", "table") for name in STUDIES}
-    for name in STUDIES:
+    files = STUDIES + [f"{name}_digits" for name in ON_DIGITS]
+    assert regions == {(f"docs/studies/{name}.json", "table") for name in files}
+    for name in files:
         data = json.loads((REPO / "docs" / "studies" / f"{name}.json").read_text())
-        assert not data["meta"]["quick"] and len(data["meta"]["seeds"]) >= 3
+        assert not data["meta"]["quick"] and len(data["meta"]["seeds"]) >= 5
+        assert data["meta"]["settings"]["dataset"] == (
+            "digits" if name.endswith("_digits") else "mnist1d")
         assert f"](studies/{name}.png)" in page
         assert (REPO / "docs" / "studies" / f"{name}.png").stat().st_size > 10_000
+        assert STATUS.match(f"Verdict: {render.verdict(data)}")
         assert f"Verdict: {render.verdict(data)}" in page
+
+
+def test_bad_recipe_and_noise_are_named():
+    with pytest.raises(ValueError, match=r"l2=-0.1 must be a finite number >= 0"):
+        Recipe(l2=-0.1)
+    with pytest.raises(ValueError, match=r"NoisyShift\(mean=1.0, var=0.5\): need"):
+        NoisyShift(1.0, 0.5).apply({}, jnp.ones((2, 3)), False)
 
 
 def test_cli_arguments():
     assert parse_args(["all"]).names == STUDIES and parse_args(["all"]).seeds == 5
+    assert parse_args(["all", "--dataset", "digits"]).names == ON_DIGITS
+    with pytest.raises(SystemExit):
+        parse_args(["mcbn", "--dataset", "digits"])
     with pytest.raises(SystemExit):
         parse_args(["placement", "--seeds", "0"])
     with pytest.raises(SystemExit):
@@ -272,7 +364,8 @@ def test_study_network_computes_what_the_zoo_cnn1d_computes():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_vmapped_runs_train_as_a_plain_loop_would():
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+def test_vmapped_runs_train_as_a_plain_loop_would(l2):
     # The model, recipe and training shapes of engine.train_runs's example: in one process
     # both train with the same compiled epoch.
     n, rng = 32, np.random.default_rng(0)
@@ -281,7 +374,7 @@ def test_vmapped_runs_train_as_a_plain_loop_would():
     model = create_model("mlp", num_classes=10, hidden=(4,))
     seeds, lrs, epochs, batch = [3, 7], [0.05, 0.5], 2, 16
     runs = train_runs(model, data, Recipe(optimizer="momentum", batch_size=batch,
-                                          epochs=epochs), seeds, lrs)
+                                          epochs=epochs, l2=l2), seeds, lrs)
     total = epochs * (n // batch)
 
     def sgd(lr):  # the run's own optimizer, its learning rate a traced value in `step`
@@ -292,8 +385,10 @@ def test_vmapped_runs_train_as_a_plain_loop_would():
         def loss(p):
             logits, upd = model.apply({"params": p, "batch_stats": stats}, x, training=True,
                                       mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd[
-                "batch_stats"]
+            penalty = sum(jnp.sum(layer["kernel"] ** 2) for layer in p.values()
+                          if "kernel" in layer)  # Keras's l2(l2) on every kernel
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + (
+                l2 * penalty), upd["batch_stats"]
 
         (_, stats), g = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt = sgd(lr).update(g, opt, params)

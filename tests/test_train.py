@@ -165,7 +165,7 @@ def test_tfds_dataset_end_to_end(tmp_path_factory, tmp_path):
 
 
 BAD_FIELDS = [
-    ("dataset", "mnist", "config.dataset='mnist': must be 'mnist1d' or 'tfds:NAME'"),
+    ("dataset", "mnist", "config.dataset='mnist': must be 'mnist1d', 'digits' or 'tfds:NAME'"),
     ("model", "vgg", "config.model='vgg': must be one of"),
     ("norm", "bogus", "config.norm='bogus': must be one of"),
     ("batch_size", 100, "config.batch_size=100: must be divisible by the 8 devices"),
@@ -210,13 +210,23 @@ def test_with_bn_field_switches_the_norm():
 
 
 @pytest.mark.parametrize("name", ["default", "mnist1d_nobn", "mnist_mlp", "kmnist_cnn",
-                                  "cifar10_resnet20", "tiny"])
+                                  "cifar10_resnet20", "tiny", "digits_keras_cnn",
+                                  "digits_keras_cnn_nobn"])
 def test_every_config_is_valid_and_documents_its_command(name):
     config = config_lib.load_config(name)
     config_lib.validate_config(config, num_devices=1)
     with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
         doc = f.read()
     assert "python train.py" in doc and "Expected result" in doc
+
+
+def test_digits_twin_is_the_keras_network_without_bn():
+    with_bn, without = (config_lib.load_config(n) for n in ("digits_keras_cnn",
+                                                            "digits_keras_cnn_nobn"))
+    assert (with_bn.dataset, with_bn.model, with_bn.norm, without.norm) == (
+        "digits", "kmnist_cnn", "batch", "none")
+    without.norm = "batch"
+    assert without.to_dict() == with_bn.to_dict()
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,3 +337,19 @@ def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, data_dir):
     want, _ = restore(ref_dir, 8)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_digits_config_trains_offline_from_any_folder(tmp_path):
+    """The Keras tutorial network on digits: no data folder, no network, one short epoch."""
+    workdir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--config",
+         os.path.join(REPO, "configs", "digits_keras_cnn.py"), "--workdir", str(workdir),
+         "--config.num_epochs=1", "--config.max_train_examples=256",
+         "--config.progress_bar=False"],
+        cwd=tmp_path, env=_env(devices=1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kmnist_cnn (norm=batch) on digits: 256 train / 360 test examples" in proc.stdout
+    (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 8 and 0.0 <= record["test_accuracy"] <= 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no data/ made anywhere

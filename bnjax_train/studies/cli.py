@@ -1,7 +1,9 @@
 """The command line of the studies: run them, write JSON, PNG and markdown, print the tables.
 
-``python -m bnjax_train.studies NAME [NAME ...] [--quick] [--seeds N] [--out DIR]``; NAME is a
-study of :data:`bnjax_train.studies.render.STUDIES` or ``all``.
+``python -m bnjax_train.studies NAME [NAME ...] [--quick] [--seeds N] [--out DIR]
+[--dataset digits]``; NAME is a study of :data:`bnjax_train.studies.render.STUDIES` or ``all``
+(with ``--dataset digits``: every study that runs on it). On MNIST-1D a study writes
+``OUT/NAME.*``, on digits ``OUT/NAME_digits.*``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
-from benchmarks.common import REPO, environment, git_commit, write_json
-from bnjax_train.studies.render import STUDIES
-from bnjax_train.studies.settings import settings_for
+from bnjax.benchmark import environment, git_commit, write_json
+from bnjax_train.studies.render import STUDIES, render_with_provenance
+from bnjax_train.studies.settings import DATASETS, settings_for
+from bnjax_train.studies.summary import REPO
 
-__all__ = ["RESULTS", "draw", "main", "parse_args", "run_study"]
+__all__ = ["RESULTS", "draw", "main", "parse_args", "result_name", "run_study"]
 
 #: Where results go by default (ignored by git, like the benchmarks' results).
 RESULTS = Path("bench_results") / "studies"
@@ -36,11 +38,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
       >>> args = parse_args(["placement", "mcbn", "--quick"])
       >>> args.names, args.quick, args.seeds
       (['placement', 'mcbn'], True, 2)
+      >>> parse_args(["all", "--dataset", "digits"]).names
+      ['covariate_shift', 'smoothness', 'regularization']
     """
     parser = argparse.ArgumentParser(
         prog="python -m bnjax_train.studies",
-        description="Measure the claims about batch norm on MNIST-1D: each study trains its "
-                    "runs with several seeds and writes NAME.json, NAME.png and NAME.md.")
+        description="Measure the claims about batch norm on MNIST-1D (or digits): each study "
+                    "trains its runs with several seeds and writes NAME.json, NAME.png and "
+                    "NAME.md.")
     parser.add_argument("names", nargs="+", metavar="NAME", choices=[*STUDIES, "all"],
                         help=f"a study ({', '.join(STUDIES)}) or all")
     parser.add_argument("--quick", action="store_true",
@@ -49,6 +54,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="seeds per cell (default 5; 2 with --quick)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder (default {RESULTS})")
     parser.add_argument("--data_dir", default="data", help="the MNIST-1D cache (default data)")
+    parser.add_argument("--dataset", default="mnist1d", choices=["mnist1d", "digits"],
+                        help="mnist1d (default) or digits (covariate_shift, smoothness and "
+                             "regularization only)")
     parser.add_argument("--redraw", action="store_true",
                         help="train nothing: redraw NAME.png and NAME.md from OUT/NAME.json")
     args = parser.parse_args(list(argv))
@@ -57,21 +65,38 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.seeds < 1:
         parser.error(f"--seeds={args.seeds} must be at least 1")
     if "all" in args.names:
-        args.names = list(STUDIES)
+        args.names = [n for n in STUDIES if args.dataset in DATASETS[n]]
+    wrong = [n for n in args.names if args.dataset not in DATASETS[n]]
+    if wrong:
+        parser.error(f"--dataset={args.dataset} is not a dataset of {', '.join(wrong)}; "
+                     f"accepted: {', '.join(DATASETS[wrong[0]])}")
     return args
 
 
+def result_name(name: str, dataset: str) -> str:
+    """The stem of a study's files: ``NAME`` on MNIST-1D, ``NAME_digits`` on digits.
+
+    Example:
+      >>> result_name("smoothness", "mnist1d"), result_name("smoothness", "digits")
+      ('smoothness', 'smoothness_digits')
+    """
+    return name if dataset == "mnist1d" else f"{name}_{dataset}"
+
+
 def _runner(name: str) -> Callable[..., dict[str, Any]]:
-    from bnjax_train.studies import inference, training
+    from bnjax_train.studies import inference, landscape, training
 
     return {"learning_rate": training.run_learning_rate, "placement": training.run_placement,
             "dropout": training.run_dropout, "batch_size": training.run_batch_size,
-            "momentum": inference.run_momentum, "mcbn": inference.run_mcbn}[name]
+            "momentum": inference.run_momentum, "mcbn": inference.run_mcbn,
+            "covariate_shift": landscape.run_covariate_shift,
+            "smoothness": landscape.run_smoothness,
+            "regularization": training.run_regularization}[name]
 
 
 def run_study(name: str, *, quick: bool, seeds: int, out: Path, data_dir: str,
-              argv: Sequence[str]) -> dict[str, Any]:
-    """Runs study ``name``, writes ``out/NAME.{json,png,md}`` and returns the results.
+              argv: Sequence[str], dataset: str = "mnist1d") -> dict[str, Any]:
+    """Runs study ``name`` on ``dataset``, writes its JSON, PNG and markdown, returns the results.
 
     Example:
       >>> r = run_study("placement", quick=True, seeds=2, out=Path("/tmp/s"), data_dir="data",
@@ -79,8 +104,8 @@ def run_study(name: str, *, quick: bool, seeds: int, out: Path, data_dir: str,
     """
     from bnjax_train.studies.engine import load_data
 
-    settings = settings_for(name, quick)
-    git = git_commit()
+    settings = settings_for(name, quick, dataset)
+    git = git_commit(REPO)
     meta: dict[str, Any] = {
         "benchmark": "study", "study": name,
         "command": shlex.join(["python", "-m", "bnjax_train.studies", *argv]),
@@ -95,16 +120,18 @@ def run_study(name: str, *, quick: bool, seeds: int, out: Path, data_dir: str,
     results["num_classes"] = data.num_classes
     meta["seconds"] = time.perf_counter() - t0
     out_data = {"meta": meta, "results": results}
-    write_json(out_data, out / f"{name}.json")
-    draw(name, out)
+    stem = result_name(name, dataset)
+    write_json(out_data, out / f"{stem}.json")
+    draw(stem, out)
     return out_data
 
 
 def draw(name: str, out: Path) -> str:
     """Writes ``out/NAME.png`` and ``out/NAME.md`` from ``out/NAME.json``; returns the markdown.
 
+    ``NAME`` is a file stem (:func:`result_name`).
+
     Example:
-      >>> from benchmarks.common import REPO
       >>> draw("placement", REPO / "docs" / "studies")  # doctest: +SKIP
     """
     from bnjax_train.studies.plots import plot_study
@@ -116,7 +143,7 @@ def draw(name: str, out: Path) -> str:
     # when the file is in it), so the page is re-rendered and checked like the docs.
     where = json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path
     markdown = (f"# Study: {name}\n\n![{name}]({name}.png)\n\n<!-- rendered: {where} table -->\n"
-                + report.render(json_path, "table") + "\n<!-- end rendered -->\n")
+                + render_with_provenance(data) + "\n<!-- end rendered -->\n")
     (out / f"{name}.md").write_text(markdown)
     print(markdown, flush=True)
     return markdown
@@ -136,7 +163,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.redraw:
         for name in args.names:
-            draw(name, args.out)
+            draw(result_name(name, args.dataset), args.out)
         return 0
     import jax
 
@@ -148,7 +175,7 @@ def main(argv: Sequence[str]) -> int:
         for name in args.names:
             t0 = time.perf_counter()
             run_study(name, quick=args.quick, seeds=args.seeds, out=args.out,
-                      data_dir=args.data_dir, argv=argv)
+                      data_dir=args.data_dir, argv=argv, dataset=args.dataset)
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)

@@ -27,8 +27,8 @@ import optax
 
 from bnjax_train import input_pipeline
 
-__all__ = ["OPTIMIZERS", "Data", "Recipe", "Runs", "accuracy", "load_data", "predict",
-           "toy_data", "train_runs"]
+__all__ = ["OPTIMIZERS", "Data", "Recipe", "Runs", "accuracy", "l2_penalty", "load_data",
+           "predict", "toy_data", "train_runs"]
 
 #: Optimizers of :class:`Recipe`: the gradient transformation before the learning rate.
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
@@ -106,12 +106,15 @@ class Recipe:
       batch_size: examples per step.
       epochs: passes over the training set (the last partial batch of each is dropped).
       schedule: ``"cosine"`` (decay to zero over the whole run) or ``"constant"``.
+      l2: L2 penalty ``l2 * sum(kernel ** 2)`` over every kernel, added to the loss (Keras's
+        ``kernel_regularizer=l2(l2)``); 0: none.
     """
 
     optimizer: str = "adam"
     batch_size: int = 100
     epochs: int = 10
     schedule: str = "cosine"
+    l2: float = 0.0
 
     def __post_init__(self) -> None:
         """Checks the fields."""
@@ -123,6 +126,9 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+        if isinstance(self.l2, bool) or not isinstance(self.l2, int | float) or not (
+                0.0 <= self.l2 < float("inf")):
+            raise ValueError(f"l2={self.l2!r} must be a finite number >= 0.")
 
 
 @dataclasses.dataclass
@@ -150,6 +156,18 @@ class Runs:
     seconds: float
 
 
+def l2_penalty(params: Any) -> jax.Array:
+    """The sum of the squares of every ``kernel`` leaf of ``params`` (biases, scales excluded).
+
+    Example:
+      >>> l2_penalty({"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}).item()
+      6.0
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum((jnp.sum(jnp.square(a)) for path, a in leaves
+                if getattr(path[-1], "key", None) == "kernel"), jnp.zeros(()))
+
+
 @functools.lru_cache(maxsize=32)
 def _epoch_fn(model: nn.Module, recipe: Recipe, total_steps: int) -> Callable[..., Any]:
     """The compiled epoch: ``lax.scan`` over the steps of ``vmap`` over the runs.
@@ -165,6 +183,8 @@ def _epoch_fn(model: nn.Module, recipe: Recipe, total_steps: int) -> Callable[..
                 {"params": p, "batch_stats": stats}, x, training=True,
                 mutable=["batch_stats"], rngs={"dropout": jax.random.fold_in(key, step)})
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            if recipe.l2:
+                loss = loss + recipe.l2 * l2_penalty(p)
             return loss, updates.get("batch_stats", stats)
 
         (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

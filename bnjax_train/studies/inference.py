@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
-from benchmarks.scores import auroc, entropy
 from bnjax_train.studies import metrics
 from bnjax_train.studies.engine import Data, accuracy, predict, train_runs
+from bnjax_train.studies.metrics import auroc, entropy
 from bnjax_train.studies.training import Settings, make_model, make_recipe, records, timing
 
 __all__ = ["run_mcbn", "run_momentum", "uncertainty_scores"]

@@ -1,6 +1,8 @@
 """The numbers of the studies, in float64 NumPy: summaries over seeds, calibration, speed.
 
 Nothing here imports JAX: the tables and verdicts are computed from a results JSON alone.
+The uncertainty scores (:func:`entropy`, :func:`auroc`) are shared with
+``python -m benchmarks inference_eval``.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import rankdata
 
 __all__ = [
     "CHANCE_FACTOR",
+    "auroc",
     "cell",
     "compare",
     "diverged",
+    "entropy",
     "expected_calibration_error",
     "mean_std",
     "negative_log_likelihood",
@@ -126,3 +131,26 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
         if in_bin.any():
             total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(total)
+
+
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each row of probabilities ``p``, in float64 NumPy.
+
+    Example:
+      >>> entropy(np.array([[0.5, 0.5], [1.0, 0.0]])).round(4).tolist()
+      [0.6931, 0.0]
+    """
+    p = np.asarray(p, np.float64)
+    return 0.0 - np.sum(p * np.log(np.clip(p, 1e-30, None)), axis=-1)  # 0.0, not -0.0
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of scores ranking ``positive`` above ``negative`` (ties: 1/2).
+
+    Example:
+      >>> auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])), auroc(np.ones(2), np.ones(3))
+      (1.0, 0.5)
+    """
+    ranks = rankdata(np.concatenate([positive, negative]))
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from bnjax_train.studies import metrics
+from bnjax_train.studies.report_landscape import regularization_label, shift_label
 from bnjax_train.studies.summary import finals, label, reached, select
 
 __all__ = ["plot_study"]
@@ -122,9 +123,45 @@ def _mcbn(data: Data, axes: Any) -> None:
         ax.legend(fontsize=8)
 
 
+def _probe_curves(keys: Sequence[tuple[str, str, bool]]) -> Callable[[Data, Any], None]:
+    """A figure of one panel per probe curve ``(key, y label, log scale)`` of each network."""
+
+    def draw(data: Data, axes: Any) -> None:
+        runs = data["results"]["runs"]
+        groups = [(shift_label(c), [r for r in runs if r["config"] == c])
+                  for c in data["meta"]["settings"]["configs"]]
+        for ax, (key, what, log) in zip(axes, keys, strict=True):
+            _curves(ax, groups, key=key)
+            ax.set_ylabel(what)
+            if log:
+                ax.set_yscale("log")
+
+    return draw
+
+
+def _regularization(data: Data, axes: Any) -> None:
+    runs, configs = data["results"]["runs"], data["meta"]["settings"]["configs"]
+    _curves(axes[0], [(regularization_label(c), select(runs, **c)) for c in configs])
+    axes[0].set_ylabel("test accuracy")
+    gaps = [_stats([r["train_accuracy"] - r["test_accuracy"][-1] for r in select(runs, **c)])
+            for c in configs]
+    axes[1].bar(range(len(configs)), [g[0] for g in gaps], yerr=[g[1] for g in gaps], capsize=3)
+    axes[1].set_xticks(range(len(configs)), [regularization_label(c) for c in configs],
+                       rotation=20, fontsize=8)
+    axes[1].set_ylabel("train - test accuracy")
+
+
 _PLOTS: dict[str, tuple[int, Callable[[Data, Any], None]]] = {
     "learning_rate": (2, _learning_rate), "placement": (2, _placement), "dropout": (3, _dropout),
     "batch_size": (1, _batch_size), "momentum": (1, _momentum), "mcbn": (3, _mcbn),
+    "covariate_shift": (3, _probe_curves((("test_accuracy", "test accuracy", False),
+                                          ("feature_shift", "feature shift per epoch", True),
+                                          ("gradient_change", "gradient change (relative)",
+                                           True)))),
+    "smoothness": (3, _probe_curves((("loss_range", "loss range along the gradient", True),
+                                     ("gradient_change", "largest gradient change", True),
+                                     ("beta", "effective beta-smoothness", True)))),
+    "regularization": (2, _regularization),
 }
 
 
@@ -134,7 +171,7 @@ def plot_study(data: Data, path: str | os.PathLike) -> None:
     Example:
       >>> import json, tempfile
       >>> from pathlib import Path
-      >>> from benchmarks.common import REPO
+      >>> from bnjax_train.studies.summary import REPO
       >>> data = json.loads((REPO / "docs/studies/placement.json").read_text())
       >>> with tempfile.TemporaryDirectory() as d:
       ...     plot_study(data, Path(d) / "p.png")
@@ -152,8 +189,9 @@ def plot_study(data: Data, path: str | os.PathLike) -> None:
     draw(data, axes[0])
     for ax in axes[0]:
         ax.grid(alpha=0.3)
-    quick = " (QUICK RUN: meaningless)" if data["meta"].get("quick") else ""
-    fig.suptitle(f"{name}: {len(data['meta']['seeds'])} seeds, mean ± std{quick}")
+    quick = " (QUICK RUN: decides nothing)" if data["meta"].get("quick") else ""
+    where = data["meta"]["settings"]["dataset"]
+    fig.suptitle(f"{name} on {where}: {len(data['meta']['seeds'])} seeds, mean ± std{quick}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

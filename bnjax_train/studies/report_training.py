@@ -20,6 +20,7 @@ from bnjax_train.studies.summary import (
     reached,
     select,
     speed,
+    status,
     steps_cell,
 )
 
@@ -113,17 +114,6 @@ def _speed_phrase(data: Data, target: float) -> tuple[str, int]:
     return f"to {target}, neither gets there in every seed at any learning rate", 0
 
 
-def _status(facts: Mapping[str, bool]) -> str:
-    """``confirmed`` when every part of a claim holds, ``not confirmed`` when none does."""
-    if all(facts.values()):
-        return "confirmed"
-    if not any(facts.values()):
-        return "not confirmed on this data"
-    yes = ", ".join(k for k, v in facts.items() if v)
-    no = ", ".join(k for k, v in facts.items() if not v)
-    return f"partly confirmed ({yes}; but not {no})"
-
-
 def _same_rate(data: Data, target: float) -> tuple[int, int, int]:
     """At how many shared learning rates BN is faster / slower to ``target``, of how many."""
     s, res = _parts(data)
@@ -171,7 +161,7 @@ def learning_rate_verdict(data: Data) -> str:
                                              and not any(sign < 0 for _, sign in speeds)),
         "stable at larger learning rates": (_stability(data, "batch")[0] or 0)
         > (_stability(data, "none")[0] or 0)}
-    return f"{_status(facts)}: " + "; ".join(parts) + "."
+    return f"{status(facts)}: " + "; ".join(parts) + "."
 
 
 def _config_rows(data: Data, extra: bool) -> Table:
@@ -269,12 +259,12 @@ def dropout_verdict(data: Data) -> str:
     plain, plain_d = (select(runs, norm="none", dropout=0.0),
                       select(runs, norm="none", dropout=rate))
     helps = difference(finals(plain_d), finals(plain))[0].removeprefix("difference ")
-    status = _status({"faster without dropout": faster,
+    verdict = status({"faster without dropout": faster,
                       "no less accurate without dropout": kept})
     gap = {label(r[0]["config"]): metrics.mean_std(
         [x["train_accuracy"] - x["test_accuracy"][-1] for x in r])[0]
         for r in (bn, bn_d, plain_d, plain)}
-    return (f"{status}: BN without dropout vs with dropout {rate:g}: "
+    return (f"{verdict}: BN without dropout vs with dropout {rate:g}: "
             + "; ".join(speeds) + f"; final test accuracy {text}; without BN, dropout "
             f"changes test accuracy by {helps}; train - test gaps "
             + ", ".join(f"{k} {v:.3f}" for k, v in gap.items()) + ".")
@@ -343,7 +333,7 @@ def batch_size_verdict(data: Data) -> str:
     def names(found: list[tuple[str, float]]) -> str:
         return ", ".join(f"{name} ({z:.1f} standard errors)" for name, z in found)
 
-    return (f"{_status(facts)}: at batch {small} BN reaches {mean('batch', small):.3f} and is "
+    return (f"{status(facts)}: at batch {small} BN reaches {mean('batch', small):.3f} and is "
             + (f"beaten by {names(beaten)}" if beaten else "beaten by no other norm")
             + f"; at its best batch size, {best}, BN reaches {mean('batch', best):.3f}, "
             + (f"beaten by {names(free)}" if free else "ahead of or level with group and layer"

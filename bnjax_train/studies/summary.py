@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO
 from bnjax_train.studies import metrics
 
 __all__ = [
+    "REPO",
     "SIGNIFICANT",
     "committed",
     "difference",
@@ -26,9 +27,12 @@ __all__ = [
     "reached",
     "select",
     "speed",
+    "status",
     "steps_cell",
 ]
 
+#: The repository the program sits in (its ``docs/studies/`` holds the committed results).
+REPO = Path(__file__).resolve().parents[2]
 #: Standard errors of a difference of means from which it is called real.
 SIGNIFICANT = 2.0
 
@@ -160,3 +164,19 @@ def speed(a: Sequence[Record], b: Sequence[Record], target: float,
     if ma is None and mb is None:
         return ma, mb, 0.0
     return ma, mb, math.inf if mb is None else -math.inf
+
+
+def status(facts: Mapping[str, bool]) -> str:
+    """``confirmed`` when every part of a claim holds, ``not confirmed`` when none does.
+
+    Example:
+      >>> status({"faster": True, "stabler": False})
+      'partly confirmed (faster; but not stabler)'
+    """
+    if all(facts.values()):
+        return "confirmed"
+    if not any(facts.values()):
+        return "not confirmed on this data"
+    yes = ", ".join(k for k, v in facts.items() if v)
+    no = ", ".join(k for k, v in facts.items() if not v)
+    return f"partly confirmed ({yes}; but not {no})"

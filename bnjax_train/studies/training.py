@@ -27,7 +27,8 @@ from bnjax_train.studies.engine import (
 from bnjax_train.studies.nets import StudyCNN1D
 
 __all__ = ["make_model", "make_recipe", "records", "run_batch_size", "run_dropout",
-           "norm_fields", "run_learning_rate", "run_placement", "scaled_learning_rate",
+           "norm_fields", "run_learning_rate", "run_placement", "run_regularization",
+           "scaled_learning_rate",
            "timing"]
 
 Settings = Mapping[str, Any]
@@ -53,9 +54,9 @@ def make_recipe(settings: Settings, **kw: Any) -> Recipe:
 
     Example:
       >>> make_recipe({"optimizer": "sgd", "epochs": 3, "learning_rate": 0.1}, batch_size=8)
-      Recipe(optimizer='sgd', batch_size=8, epochs=3, schedule='cosine')
+      Recipe(optimizer='sgd', batch_size=8, epochs=3, schedule='cosine', l2=0.0)
     """
-    fields = {k: settings[k] for k in ("optimizer", "batch_size", "epochs", "schedule")
+    fields = {k: settings[k] for k in ("optimizer", "batch_size", "epochs", "schedule", "l2")
               if k in settings}
     return Recipe(**{**fields, **kw})
 
@@ -127,11 +128,13 @@ def run_learning_rate(data: Data, settings: Settings, seeds: Sequence[int]) -> d
 def _per_config(data: Data, settings: Settings, seeds: Sequence[int],
                 configs: Sequence[Mapping[str, Any]], train_accuracy: bool = False,
                 ) -> dict[str, Any]:
-    """Trains every config (model fields) over all seeds together; one compile per config."""
+    """Trains every config (model fields, and ``l2``) over all seeds together; one compile each."""
     out, all_runs = [], []
     for config in configs:
-        model = make_model(settings, data.num_classes, **config)
-        runs = train_runs(model, data, make_recipe(settings), list(seeds),
+        fields = {k: v for k, v in config.items() if k != "l2"}
+        model = make_model(settings, data.num_classes, **fields)
+        recipe = make_recipe(settings, **{k: v for k, v in config.items() if k == "l2"})
+        runs = train_runs(model, data, recipe, list(seeds),
                           [settings["learning_rate"]] * len(seeds))
         all_runs.append(runs)
         extra = {}
@@ -168,6 +171,23 @@ def run_dropout(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[st
       >>> out = run_dropout(toy_data(), settings, [0, 1])
       >>> 0.0 <= out["runs"][0]["train_accuracy"] <= 1.0
       True
+    """
+    return _per_config(data, settings, seeds, settings["configs"], train_accuracy=True)
+
+
+def run_regularization(data: Data, settings: Settings, seeds: Sequence[int]) -> dict[str, Any]:
+    """No regularizer, BN, dropout, L2 and BN with each, on a training subset; train accuracy.
+
+    Each config holds model fields (``norm``, ``dropout``) and the L2 penalty ``l2``.
+
+    Example:
+      >>> from bnjax_train.studies.engine import toy_data
+      >>> settings = {"features": [2], "hidden": 4, "optimizer": "adam", "learning_rate": 1e-3,
+      ...             "batch_size": 16, "epochs": 1,
+      ...             "configs": [{"norm": "none", "dropout": 0.0, "l2": 1e-3}]}
+      >>> out = run_regularization(toy_data(), settings, [0, 1])
+      >>> out["runs"][0]["config"], 0.0 <= out["runs"][0]["train_accuracy"] <= 1.0
+      ({'norm': 'none', 'dropout': 0.0, 'l2': 0.001}, True)
     """
     return _per_config(data, settings, seeds, settings["configs"], train_accuracy=True)
 
