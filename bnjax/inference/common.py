@@ -82,7 +82,12 @@ def check_linen_model(model: Any, fn: str) -> None:
 
 
 def bridged_message(fn: str, where: str) -> str:
-    """The error for an NNX module bridged to linen, met as the model or inside it."""
+    """The error for an NNX module bridged to linen, met as the model or inside it.
+
+    Example:
+      >>> bridged_message("fold_batch_norm", "layer 'ToLinen_0'").split(";")[0]
+      "fold_batch_norm: layer 'ToLinen_0' is an NNX module bridged to linen (flax.nnx.bridge.to_linen)"
+    """
     return (
         f"{fn}: {where} is an NNX module bridged to linen (flax.nnx.bridge.to_linen); its "
         "layers run inside NNX, where the inference tools cannot see them, so they would "
