@@ -121,17 +121,22 @@ def layer_batch_norm(
 ) -> tuple[Array, Mapping[str, Array]]:
     """``bnjax.batch_norm`` with a layer's settings (its attributes of the same names).
 
+    A frozen layer's ``scale`` and ``bias`` are constants here (``lax.stop_gradient``): their
+    gradients are zero, as Keras computes none for the weights of a ``trainable=False`` layer.
+
     Example:
       >>> import types
       >>> layer = types.SimpleNamespace(axis=-1, momentum=0.5, epsilon=1e-6, axis_name=None,
       ...     axis_index_groups=None, dtype=None, guard_non_finite=True, renorm=False,
-      ...     renorm_momentum=0.99, virtual_batch_size=None)
+      ...     renorm_momentum=0.99, virtual_batch_size=None, frozen=False)
       >>> y, new = layer_batch_norm(layer, jnp.array([[1.0], [3.0]]),
       ...     {"mean": jnp.zeros(1), "var": jnp.ones(1)}, {}, training=True, mask=None,
       ...     clipping=None)
       >>> y.ravel().round(3).tolist(), new["mean"].tolist()
       ([-1.0, 1.0], [1.0])
     """
+    if layer.frozen:
+        params = jax.lax.stop_gradient(dict(params))
     return batch_norm(
         x, stats, params, training=training, axis=layer.axis, momentum=layer.momentum,
         epsilon=layer.epsilon, axis_name=layer.axis_name if training else None,

@@ -54,9 +54,9 @@ class BatchNorm(nn.Module):
 
     A ``frozen=True`` layer follows the Keras ``trainable=False`` rule: it always runs in
     inference mode with the moving statistics and never updates them, whatever the mode
-    says. To also keep its scale and bias fixed, mask them out of the optimizer, e.g.
-    ``optax.multi_transform({"train": optax.adam(1e-3), "freeze": optax.set_to_zero()},
-    labels)`` with ``labels`` mapping the frozen layer's params to ``"freeze"``.
+    says, and its ``scale`` and ``bias`` get zero gradients, so a gradient optimizer leaves
+    them as they are. Decoupled weight decay (``optax.adamw``) does not look at gradients:
+    with it, mask the frozen layer's params out (``optax.adamw(..., mask=...)``).
 
     Attributes:
       use_running_average: Flax-style mode (True: moving statistics), overridable at call.
@@ -76,7 +76,8 @@ class BatchNorm(nn.Module):
         ``param_dtype`` (see above).
       mean_init: initializer of the moving mean (Keras ``moving_mean_initializer``).
       var_init: initializer of the moving variance (Keras ``moving_variance_initializer``).
-      frozen: Keras ``trainable=False``: inference mode always, no updates.
+      frozen: Keras ``trainable=False``: inference mode always, no updates, zero gradients
+        for ``scale`` and ``bias``.
       guard_non_finite: keep a feature's moving statistics unchanged when its batch
         statistics (or the updated ones) are not finite: a NaN or Inf batch never poisons
         them.

@@ -85,8 +85,8 @@ class BatchNorm(nnx.Module):
       scale_metadata: metadata of the ``scale`` ``nnx.Param``.
       mean_init: initializer of the moving mean (called with a fixed key).
       var_init: initializer of the moving variance (called with a fixed key).
-      frozen: Keras ``trainable=False``: inference mode always, no updates, no penalties,
-        no constraints.
+      frozen: Keras ``trainable=False``: inference mode always, no updates, zero gradients
+        for ``scale`` and ``bias``, no penalties, no constraints.
       guard_non_finite: keep a feature's moving statistics when its batch statistics are
         not finite.
       renorm: batch renormalization (see ``bnjax.batch_norm``).
