@@ -197,6 +197,21 @@ def test_bad_config_values_name_the_field(field, value, match):
         config_lib.validate_config(config, num_devices=8)
 
 
+def test_misspelled_field_gets_a_suggestion_and_the_documented_fields():
+    config = config_lib.load_config("tiny")
+    config.unlock()
+    config.lerning_rate, config.progres_bar, config.wibble = 0.1, False, 1
+    with pytest.raises(ValueError) as info:
+        config_lib.validate_config(config, num_devices=1)
+    lines = str(info.value).splitlines()[1:]
+    documented = sorted(config_lib.load_config("default").keys())  # configs/default.py
+    assert "with_bn" not in documented
+    for line, field, hint in zip(lines, ("lerning_rate", "progres_bar", "wibble"),
+                                 (" did you mean 'learning_rate'?",
+                                  " did you mean 'progress_bar'?", ""), strict=True):
+        assert line == f"  config.{field}: unknown field;{hint} known fields: {documented}"
+
+
 def test_with_bn_field_switches_the_norm():
     config = config_lib.load_config("mnist_mlp")
     assert config_lib.resolved_norm(config) == "batch"
