@@ -341,3 +341,23 @@ def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, data_dir):
     want, _ = restore(ref_dir, 8)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_short_run_curves_have_integer_step_ticks_and_markers(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from bnjax_train import reporting
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    records = [{"step": s, "train_loss": 1.0 / s, "train_accuracy": 0.1 * s,
+                "test_loss": 1.2 / s, "test_accuracy": 0.09 * s} for s in (4, 8)]
+    reporting.plot_curves(records, str(tmp_path / "curves.png"), "tiny")
+    (fig,) = drawn
+    for ax in fig.axes:
+        ticks = ax.get_xticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        assert [line.get_marker() for line in ax.get_lines()] == ["o", "o"]
+        assert [list(line.get_xdata()) for line in ax.get_lines()] == [[4, 8], [4, 8]]
