@@ -18,7 +18,14 @@ import jax.numpy as jnp
 
 from bnjax import keras
 from bnjax._checks import canonicalize_axes, check_input
-from bnjax._layer import check_layer, layer_batch_norm, resolve_training, stats_dtype
+from bnjax._layer import (
+    DEFAULT_EPSILON,
+    check_layer,
+    layer_batch_norm,
+    resolve_training,
+    stats_dtype,
+    warn_if_default_epsilon,
+)
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -110,7 +117,7 @@ class BatchNorm(nn.Module):
     use_running_average: bool | None = None
     axis: int | Sequence[int] = -1
     momentum: float = 0.99
-    epsilon: float = 1e-3
+    epsilon: float = DEFAULT_EPSILON
     dtype: Any = None
     param_dtype: Any = jnp.float32
     use_bias: bool = True
@@ -164,6 +171,9 @@ class BatchNorm(nn.Module):
         if use_running_average is None:
             use_running_average = self.use_running_average
         train = resolve_training(training, use_running_average, frozen=self.frozen)
+        if training is None and not self.frozen:  # the mode given as flax.linen's is
+            warn_if_default_epsilon(self.epsilon, "is called as flax.linen.BatchNorm is "
+                                    "(use_running_average)")
         axes = canonicalize_axes(self.axis, x.ndim)
         feature_shape = tuple(x.shape[a] for a in axes)
         stats = self._stats(feature_shape)

@@ -37,7 +37,14 @@ from flax import nnx
 
 from bnjax import keras as K
 from bnjax._checks import check_input, check_mode
-from bnjax._layer import check_layer, layer_batch_norm, resolve_training, stats_dtype
+from bnjax._layer import (
+    DEFAULT_EPSILON,
+    check_layer,
+    layer_batch_norm,
+    resolve_training,
+    stats_dtype,
+    warn_if_default_epsilon,
+)
 from bnjax.variants import init_renorm_stats
 
 Array = jax.Array
@@ -116,7 +123,7 @@ class BatchNorm(nnx.Module):
         use_running_average: bool | None = False,
         axis: int | Sequence[int] = -1,
         momentum: float = 0.99,
-        epsilon: float = 1e-3,
+        epsilon: float = DEFAULT_EPSILON,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
@@ -183,6 +190,8 @@ class BatchNorm(nnx.Module):
         self.bias_constraint = bias_constraint
         check_layer(self)
         check_mode("use_running_average", use_running_average)
+        if rngs is not None:  # built as flax.nnx.BatchNorm must be
+            warn_if_default_epsilon(epsilon, "is built as flax.nnx.BatchNorm is (with rngs)")
 
         def draw(init: Initializer, metadata: Mapping[str, Any]) -> Any:
             # One draw per parameter, as flax.nnx.BatchNorm makes (none without rngs).

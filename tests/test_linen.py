@@ -2,6 +2,7 @@
 
 import functools
 import os
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -112,6 +113,45 @@ def test_several_training_calls_match_numpy_reference():
 # Mode selection.
 
 X = jnp.arange(24.0).reshape(8, 3)
+
+
+def _epsilon_warnings(fn, action="always"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter(action)
+        fn()
+    return [w for w in caught if issubclass(w.category, bnjax.FlaxEpsilonWarning)]
+
+
+def test_flax_style_port_with_the_default_epsilon_warns_once_and_the_advice_holds():
+    x = jnp.asarray(np.random.default_rng(4).normal(0, 0.01, (16, 3)), jnp.float32)
+    key = jax.random.key(0)
+    flax_v = nn.BatchNorm(momentum=0.9).init(key, x, use_running_average=True)
+    flax_y, _ = nn.BatchNorm(momentum=0.9).apply(flax_v, x, False, mutable=["batch_stats"])
+
+    def ported(**kw):  # the text nn.BatchNorm replaced by bnjax.BatchNorm
+        return bnjax.BatchNorm(momentum=0.9, **kw).apply(flax_v, x, False,
+                                                         mutable=["batch_stats"])[0]
+
+    caught = _epsilon_warnings(lambda: (ported(), ported()), action="default")
+    assert len(caught) == 1  # once, not per call
+    assert "Pass epsilon=1e-5 to keep Flax's numbers" in str(caught[0].message)
+    # The advice: the default changes Flax's numbers (0.01-scale input: var ~ 1e-4),
+    # epsilon=1e-5 keeps them, against flax.linen.BatchNorm itself.
+    assert float(jnp.abs(ported() - flax_y).max()) > 1.0
+    np.testing.assert_allclose(ported(epsilon=1e-5), flax_y, rtol=1e-4, atol=1e-4)
+    # Every Flax way of giving the mode warns: positional, keyword, the field.
+    bn = bnjax.BatchNorm()
+    v = bn.init(key, x, training=False)
+    for call in (lambda: bn.apply(v, x, True), lambda: bn.apply(v, x, use_running_average=True),
+                 lambda: bnjax.BatchNorm(use_running_average=True).apply(v, x)):
+        assert len(_epsilon_warnings(call)) == 1
+    # An epsilon given (Keras's too), the Keras-style call and a frozen layer do not.
+    for call in (lambda: bnjax.BatchNorm(epsilon=1e-3).apply(v, x, True),
+                 lambda: bnjax.BatchNorm(epsilon=1e-5).apply(v, x, True),
+                 lambda: bn.apply(v, x, training=False),
+                 lambda: bnjax.BatchNorm(frozen=True).apply(v, x, True)):
+        assert _epsilon_warnings(call) == []
+
 
 
 def _init(**kw):
