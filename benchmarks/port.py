@@ -4,12 +4,12 @@ Command (from the repository root)::
 
     python -m benchmarks port --out benchmarks/results/port_drift.json
 
-The model is the porting page's block (conv, batch norm, relu, strided conv, batch norm, relu,
-mean, dense), written with ``flax.linen.BatchNorm(momentum=0.9, epsilon=1e-5)`` and with that
-text replaced by ``bnjax.BatchNorm``. Both start from the same variables and take the same SGD
-steps on the same batches (inputs of mean 2 and standard deviation 1, random labels), once in
-float32 and once in float64 (``jax_enable_x64``, set by this benchmark's process). At each
-recorded step it takes the largest absolute difference, over every parameter and moving
+The model is a conv block like the porting page's (conv, batch norm, relu, strided conv, batch
+norm, relu, mean, dense), written with ``flax.linen.BatchNorm(momentum=0.9, epsilon=1e-5)`` and
+with that text replaced by ``bnjax.BatchNorm``. Both start from the same variables and take the
+same SGD steps on the same batches (inputs of mean 2 and standard deviation 1, random labels),
+once in float32 and once in float64 (``jax_enable_x64``, set by this benchmark's process). At
+each recorded step it takes the largest absolute difference, over every parameter and moving
 statistic, between each float32 run and its float64 run (the rounding drift of each), between
 the two float32 runs (what comparing them in float32 shows), and between the two float64 runs
 (the port's check: the same arithmetic, equal to float64 rounding).
@@ -134,7 +134,8 @@ def run(record: Sequence[int] = RECORD_STEPS, seeds: Sequence[int] = SEEDS) -> d
     if jnp.zeros(1, jnp.float64).dtype != jnp.float64:
         raise RuntimeError("the float64 runs need jax_enable_x64, which did not take effect")
     rows = [row for seed in seeds for row in _compare(seed, record)]
-    setup = (f"the porting page's block (2 convs with batch norm, momentum 0.9, epsilon 1e-5), "
+    setup = (f"a conv block (conv, batch norm, relu, strided conv, batch norm, relu, mean, "
+             f"dense; batch norm momentum 0.9, epsilon 1e-5), "
              f"SGD with learning rate {_LR}, batches of {_BATCH} 8x8x3 inputs of mean 2 and "
              f"standard deviation 1 and random labels ({_POOL} batches in turn)")
     return {"rows": rows, "setup": setup, "seeds": list(seeds), "steps": list(record)}
