@@ -4,7 +4,9 @@ The layer holds variables and chooses the mode; the arithmetic is ``bnjax.functi
 It takes every field of ``flax.linen.BatchNorm`` with its Flax meaning, the same calling
 convention (``bn(x, use_running_average)``), and the same variable names
 (``params/{scale,bias}`` and ``batch_stats/{mean,var}``), so replacing ``nn.BatchNorm`` by
-``bnjax.BatchNorm`` is the whole port and checkpoints move between the two.
+``bnjax.BatchNorm`` is the whole port (with ``epsilon=1e-5`` where Flax's default was used:
+bnjax's is Keras's 1e-3, and a Flax-style call that leaves it out warns once) and checkpoints
+move between the two.
 """
 
 from __future__ import annotations
