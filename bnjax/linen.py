@@ -51,7 +51,9 @@ class BatchNorm(nn.Module):
     bnjax's defaults and where it always does better:
 
     - ``momentum=0.99`` and ``epsilon=1e-3`` are Keras' defaults (Flax: 0.99 and 1e-5);
-      pass ``epsilon=1e-5`` to keep a Flax model's numbers.
+      pass ``epsilon=1e-5`` to keep a Flax model's numbers. A layer whose mode comes from
+      ``use_running_average`` (a Flax-style call) with epsilon left out warns once
+      (``bnjax.FlaxEpsilonWarning``); giving epsilon, either value, silences it.
     - ``use_fast_variance``: the variance is always computed from shifted sums, which are
       as fast as Flax's fast formula and stay exact where ``E[x^2] - E[x]^2`` loses every
       digit (large ``|mean| / std``); the flag changes nothing.
@@ -108,7 +110,7 @@ class BatchNorm(nn.Module):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> bn = BatchNorm()
+      >>> bn = BatchNorm(epsilon=1e-5)  # called as flax.linen.BatchNorm: give epsilon
       >>> x = jnp.arange(12.0).reshape(4, 3)
       >>> variables = bn.init(jax.random.key(0), x, use_running_average=True)
       >>> y, updates = bn.apply(variables, x, False, mutable=["batch_stats"])  # as in Flax

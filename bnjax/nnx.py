@@ -64,9 +64,11 @@ class BatchNorm(nnx.Module):
     ``rngs`` (one ``rngs.params()`` for ``scale`` and one for ``bias``, none for the
     statistics), so swapping the layer leaves every other layer's initialization unchanged.
     The defaults are Keras' (momentum 0.99, epsilon 1e-3; pass ``epsilon=1e-5`` to keep a
-    Flax model's numbers), and ``use_fast_variance`` changes nothing: the variance is always
-    computed the exact way (see ``bnjax.BatchNorm``). With ``promote_dtype`` left at None the
-    output has the input's dtype; a given function is applied as Flax applies it.
+    Flax model's numbers: a layer built with ``rngs`` and no epsilon, as a port of
+    ``flax.nnx.BatchNorm`` is, warns once), and ``use_fast_variance`` changes nothing: the
+    variance is always computed the exact way (see ``bnjax.BatchNorm``). With
+    ``promote_dtype`` left at None the output has the input's dtype; a given function is
+    applied as Flax applies it.
 
     Args:
       num_features: size of the feature axis (or the feature shape, a tuple, for several
