@@ -402,8 +402,10 @@ def _remove_partial(data_dir: str, before: set[str], made_data_dir: bool) -> Non
             path = os.path.join(d, n)
             if path in before or not os.path.lexists(path):
                 continue
-            if ".tmp" in n:
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if ".tmp" in n and os.path.isdir(path):
+                shutil.rmtree(path)
+            elif ".tmp" in n:
+                os.remove(path)
             elif os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)
     if made_data_dir and os.path.isdir(data_dir) and not os.listdir(data_dir):
