@@ -10,6 +10,7 @@ to ``--out``; the default is under ``bench_results/``, outside the tracked files
 - ``parallel``: the train step on a device mesh (``jax.jit``, ``jax.shard_map``) and under
   ``pmap``, with synchronized and per-device statistics;
 - ``inference_eval``: PreciseBN, MC batch norm and folding on a trained model;
+- ``port``: a Flax model and its port to bnjax trained side by side, float32 and float64;
 - ``report``: the tables of results JSON files, or ``--update`` the marked regions of pages.
 
 Only the chosen benchmark's module is imported, after the arguments are parsed, so that
@@ -109,6 +110,14 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[st
     return {"meta": meta, **train_run.run(args.config, workdir)}
 
 
+def _port(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    from benchmarks import port
+
+    record, seeds = ((1, 5), (0,)) if args.quick else (port.RECORD_STEPS, port.SEEDS)
+    meta = common.run_metadata("port", args.argv, quick=args.quick)
+    return {"meta": meta, **port.run(record, seeds), "quick": args.quick}
+
+
 def _gpu_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     from benchmarks import gpu_check
 
@@ -174,6 +183,9 @@ def _add_others(sub: Any) -> None:
     t.add_argument("--workdir", default=None,
                    help="parent of the two runs (default runs/benchmarks_train/<config>)")
     t.add_argument("--out", metavar="FILE", help="JSON file (default bench_results/train.json)")
+    o = sub.add_parser("port", help="a Flax model and its bnjax port trained side by side")
+    o.add_argument("--quick", action="store_true", help="5 steps, 1 seed: a smoke test")
+    o.add_argument("--out", metavar="FILE", help="JSON file (default bench_results/port.json)")
     g = sub.add_parser("gpu_check", help="tests and benchmarks on one GPU (see gpu_check.sh)")
     g.add_argument("--dry-run", action="store_true", help="tiny, on CPU: checks the script")
     g.add_argument("--out", metavar="FILE", help="JSON file (default bench_results/gpu_check"
@@ -206,7 +218,7 @@ def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 _RUNNERS = {"step": _step, "op": _step, "model": _step, "fold": _fold, "sync": _sync,
             "parallel": _sync, "inference_eval": _inference_eval, "train": _train,
-            "gpu_check": _gpu_check}
+            "port": _port, "gpu_check": _gpu_check}
 
 
 def _default_out(args: argparse.Namespace) -> str:

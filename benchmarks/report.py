@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.common import REPO, markdown_table
 from bnjax_train.studies.render import TABLES as STUDY_TABLES
 from bnjax_train.studies.render import provenance as _provenance
@@ -209,6 +211,20 @@ def _train_summary(r: Data) -> str:
         f"{r['wall_seconds_both_runs']:.0f} s.")
 
 
+def _port_drift(r: Data) -> str:
+    keys = ("flax_f32_vs_f64", "bnjax_f32_vs_f64", "bnjax_vs_flax_f32", "bnjax_vs_flax_f64")
+    rows = []
+    for step in r["steps"]:
+        at = [row for row in r["rows"] if row["step"] == step]
+        rows.append([step, *(f"{np.median([row[k] for row in at]):.1e}" for k in keys)])
+    worst = max(row["bnjax_vs_flax_f64"] for row in r["rows"])
+    return markdown_table(["step", "Flax float32 vs float64", "bnjax float32 vs float64",
+                           "bnjax vs Flax, float32", "bnjax vs Flax, float64"], rows) + (
+        f"\n\nLargest absolute difference over every parameter and moving statistic, median "
+        f"over {len(r['seeds'])} seeds; {r['setup']}. bnjax vs Flax in float64, largest over "
+        f"every seed and step: {worst:.1e}.")
+
+
 def _gpu_checks(r: Data) -> str:
     rows = [[f["path"] + (f" -k '{f['keyword']}'" if f["keyword"] else ""), f["summary"],
              f["returncode"]] for f in r["tests"]["files"]]
@@ -226,6 +242,7 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "parallel": {"parallel": _parallel},
     "inference_eval": {"accuracy": _accuracy, "auroc": _auroc},
     "train": {"summary": _train_summary},
+    "port": {"drift": _port_drift},
     "gpu_check": {"checks": _gpu_checks, "op": _op, "memory": _memory, "model": _model},
 }
 

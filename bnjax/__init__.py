@@ -11,7 +11,7 @@ Example:
 
 from bnjax import convert as convert
 from bnjax import keras as keras
-from bnjax._layer import resolve_training
+from bnjax._layer import FlaxEpsilonWarning, resolve_training
 from bnjax.functional import (
     Moments,
     batch_norm,
@@ -47,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "FlaxEpsilonWarning",
     "FoldedModel",
     "MCBNPrediction",
     "Moments",

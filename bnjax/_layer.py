@@ -6,6 +6,7 @@ into ``bnjax.functional.batch_norm``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,41 @@ from bnjax.functional import batch_norm
 
 Array = jax.Array
 
-__all__ = ["check_layer", "layer_batch_norm", "resolve_training", "stats_dtype"]
+__all__ = ["DEFAULT_EPSILON", "FlaxEpsilonWarning", "check_layer", "layer_batch_norm",
+           "resolve_training", "stats_dtype", "warn_if_default_epsilon"]
+
+
+class _DefaultEpsilon(float):
+    """Keras's epsilon 1e-3 as a layer's default: a float, marked as not given by the user."""
+
+    __slots__ = ()
+
+
+#: The layers' default ``epsilon`` (Keras's 1e-3); ``epsilon=1e-3`` passed explicitly is not it.
+DEFAULT_EPSILON = _DefaultEpsilon(1e-3)
+
+
+class FlaxEpsilonWarning(UserWarning):
+    """A layer used the way its Flax counterpart is has kept bnjax's (Keras's) epsilon 1e-3."""
+
+
+def warn_if_default_epsilon(epsilon: float, used_as: str) -> None:
+    """Warns (once: Python's default warning filter) if ``epsilon`` is the unchanged default.
+
+    A Flax model ported by replacing ``nn.BatchNorm`` with ``bnjax.BatchNorm`` keeps every
+    field but the defaults: Flax's epsilon is 1e-5, bnjax's Keras's 1e-3, which changes the
+    model's numbers. Giving ``epsilon`` (either value) says which one is meant.
+
+    Example:
+      >>> warn_if_default_epsilon(1e-3, "called as flax.linen.BatchNorm")  # given: no warning
+    """
+    if type(epsilon) is _DefaultEpsilon:
+        warnings.warn(
+            f"bnjax's BatchNorm {used_as}, with epsilon left at bnjax's default 1e-3 (Keras's); "
+            "Flax's default is 1e-5, so a Flax model ported by replacing the class name "
+            "computes other numbers. Pass epsilon=1e-5 to keep Flax's numbers, or "
+            "epsilon=1e-3 to keep Keras's (either one silences this warning).",
+            FlaxEpsilonWarning, stacklevel=3)
 
 
 def resolve_training(
@@ -121,17 +156,22 @@ def layer_batch_norm(
 ) -> tuple[Array, Mapping[str, Array]]:
     """``bnjax.batch_norm`` with a layer's settings (its attributes of the same names).
 
+    A frozen layer's ``scale`` and ``bias`` are constants here (``lax.stop_gradient``): their
+    gradients are zero, as Keras computes none for the weights of a ``trainable=False`` layer.
+
     Example:
       >>> import types
       >>> layer = types.SimpleNamespace(axis=-1, momentum=0.5, epsilon=1e-6, axis_name=None,
       ...     axis_index_groups=None, dtype=None, guard_non_finite=True, renorm=False,
-      ...     renorm_momentum=0.99, virtual_batch_size=None)
+      ...     renorm_momentum=0.99, virtual_batch_size=None, frozen=False)
       >>> y, new = layer_batch_norm(layer, jnp.array([[1.0], [3.0]]),
       ...     {"mean": jnp.zeros(1), "var": jnp.ones(1)}, {}, training=True, mask=None,
       ...     clipping=None)
       >>> y.ravel().round(3).tolist(), new["mean"].tolist()
       ([-1.0, 1.0], [1.0])
     """
+    if layer.frozen:
+        params = jax.lax.stop_gradient(dict(params))
     return batch_norm(
         x, stats, params, training=training, axis=layer.axis, momentum=layer.momentum,
         epsilon=layer.epsilon, axis_name=layer.axis_name if training else None,

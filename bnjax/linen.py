@@ -4,7 +4,9 @@ The layer holds variables and chooses the mode; the arithmetic is ``bnjax.functi
 It takes every field of ``flax.linen.BatchNorm`` with its Flax meaning, the same calling
 convention (``bn(x, use_running_average)``), and the same variable names
 (``params/{scale,bias}`` and ``batch_stats/{mean,var}``), so replacing ``nn.BatchNorm`` by
-``bnjax.BatchNorm`` is the whole port and checkpoints move between the two.
+``bnjax.BatchNorm`` is the whole port (with ``epsilon=1e-5`` where Flax's default was used:
+bnjax's is Keras's 1e-3, and a Flax-style call that leaves it out warns once) and checkpoints
+move between the two.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ import jax.numpy as jnp
 
 from bnjax import keras
 from bnjax._checks import canonicalize_axes, check_input
-from bnjax._layer import check_layer, layer_batch_norm, resolve_training, stats_dtype
+from bnjax._layer import (
+    DEFAULT_EPSILON,
+    check_layer,
+    layer_batch_norm,
+    resolve_training,
+    stats_dtype,
+    warn_if_default_epsilon,
+)
 from bnjax.stats import moments
 
 Array = jax.Array
@@ -43,7 +52,9 @@ class BatchNorm(nn.Module):
     bnjax's defaults and where it always does better:
 
     - ``momentum=0.99`` and ``epsilon=1e-3`` are Keras' defaults (Flax: 0.99 and 1e-5);
-      pass ``epsilon=1e-5`` to keep a Flax model's numbers.
+      pass ``epsilon=1e-5`` to keep a Flax model's numbers. A layer whose mode comes from
+      ``use_running_average`` (a Flax-style call) with epsilon left out warns once
+      (``bnjax.FlaxEpsilonWarning``); giving epsilon, either value, silences it.
     - ``use_fast_variance``: the variance is always computed from shifted sums, which are
       as fast as Flax's fast formula and stay exact where ``E[x^2] - E[x]^2`` loses every
       digit (large ``|mean| / std``); the flag changes nothing.
@@ -55,9 +66,9 @@ class BatchNorm(nn.Module):
 
     A ``frozen=True`` layer follows the Keras ``trainable=False`` rule: it always runs in
     inference mode with the moving statistics and never updates them, whatever the mode
-    says. To also keep its scale and bias fixed, mask them out of the optimizer, e.g.
-    ``optax.multi_transform({"train": optax.adam(1e-3), "freeze": optax.set_to_zero()},
-    labels)`` with ``labels`` mapping the frozen layer's params to ``"freeze"``.
+    says, and its ``scale`` and ``bias`` get zero gradients, so a gradient optimizer leaves
+    them as they are. Decoupled weight decay (``optax.adamw``) does not look at gradients:
+    with it, mask the frozen layer's params out (``optax.adamw(..., mask=...)``).
 
     Attributes:
       use_running_average: Flax-style mode (True: moving statistics), overridable at call.
@@ -77,7 +88,8 @@ class BatchNorm(nn.Module):
         ``param_dtype`` (see above).
       mean_init: initializer of the moving mean (Keras ``moving_mean_initializer``).
       var_init: initializer of the moving variance (Keras ``moving_variance_initializer``).
-      frozen: Keras ``trainable=False``: inference mode always, no updates.
+      frozen: Keras ``trainable=False``: inference mode always, no updates, zero gradients
+        for ``scale`` and ``bias``.
       guard_non_finite: keep a feature's moving statistics unchanged when its batch
         statistics (or the updated ones) are not finite: a NaN or Inf batch never poisons
         them.
@@ -99,7 +111,7 @@ class BatchNorm(nn.Module):
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> bn = BatchNorm()
+      >>> bn = BatchNorm(epsilon=1e-5)  # called as flax.linen.BatchNorm: give epsilon
       >>> x = jnp.arange(12.0).reshape(4, 3)
       >>> variables = bn.init(jax.random.key(0), x, use_running_average=True)
       >>> y, updates = bn.apply(variables, x, False, mutable=["batch_stats"])  # as in Flax
@@ -110,7 +122,7 @@ class BatchNorm(nn.Module):
     use_running_average: bool | None = None
     axis: int | Sequence[int] = -1
     momentum: float = 0.99
-    epsilon: float = 1e-3
+    epsilon: float = DEFAULT_EPSILON
     dtype: Any = None
     param_dtype: Any = jnp.float32
     use_bias: bool = True
@@ -164,6 +176,9 @@ class BatchNorm(nn.Module):
         if use_running_average is None:
             use_running_average = self.use_running_average
         train = resolve_training(training, use_running_average, frozen=self.frozen)
+        if training is None and not self.frozen:  # the mode given as flax.linen's is
+            warn_if_default_epsilon(self.epsilon, "is called as flax.linen.BatchNorm is "
+                                    "(use_running_average)")
         axes = canonicalize_axes(self.axis, x.ndim)
         feature_shape = tuple(x.shape[a] for a in axes)
         stats = self._stats(feature_shape)

@@ -37,7 +37,14 @@ from flax import nnx
 
 from bnjax import keras as K
 from bnjax._checks import check_input, check_mode
-from bnjax._layer import check_layer, layer_batch_norm, resolve_training, stats_dtype
+from bnjax._layer import (
+    DEFAULT_EPSILON,
+    check_layer,
+    layer_batch_norm,
+    resolve_training,
+    stats_dtype,
+    warn_if_default_epsilon,
+)
 from bnjax.variants import init_renorm_stats
 
 Array = jax.Array
@@ -57,9 +64,11 @@ class BatchNorm(nnx.Module):
     ``rngs`` (one ``rngs.params()`` for ``scale`` and one for ``bias``, none for the
     statistics), so swapping the layer leaves every other layer's initialization unchanged.
     The defaults are Keras' (momentum 0.99, epsilon 1e-3; pass ``epsilon=1e-5`` to keep a
-    Flax model's numbers), and ``use_fast_variance`` changes nothing: the variance is always
-    computed the exact way (see ``bnjax.BatchNorm``). With ``promote_dtype`` left at None the
-    output has the input's dtype; a given function is applied as Flax applies it.
+    Flax model's numbers: a layer built with ``rngs`` and no epsilon, as a port of
+    ``flax.nnx.BatchNorm`` is, warns once), and ``use_fast_variance`` changes nothing: the
+    variance is always computed the exact way (see ``bnjax.BatchNorm``). With
+    ``promote_dtype`` left at None the output has the input's dtype; a given function is
+    applied as Flax applies it.
 
     Args:
       num_features: size of the feature axis (or the feature shape, a tuple, for several
@@ -85,8 +94,8 @@ class BatchNorm(nnx.Module):
       scale_metadata: metadata of the ``scale`` ``nnx.Param``.
       mean_init: initializer of the moving mean (called with a fixed key).
       var_init: initializer of the moving variance (called with a fixed key).
-      frozen: Keras ``trainable=False``: inference mode always, no updates, no penalties,
-        no constraints.
+      frozen: Keras ``trainable=False``: inference mode always, no updates, zero gradients
+        for ``scale`` and ``bias``, no penalties, no constraints.
       guard_non_finite: keep a feature's moving statistics when its batch statistics are
         not finite.
       renorm: batch renormalization (see ``bnjax.batch_norm``).
@@ -116,7 +125,7 @@ class BatchNorm(nnx.Module):
         use_running_average: bool | None = False,
         axis: int | Sequence[int] = -1,
         momentum: float = 0.99,
-        epsilon: float = 1e-3,
+        epsilon: float = DEFAULT_EPSILON,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
@@ -183,6 +192,8 @@ class BatchNorm(nnx.Module):
         self.bias_constraint = bias_constraint
         check_layer(self)
         check_mode("use_running_average", use_running_average)
+        if rngs is not None:  # built as flax.nnx.BatchNorm must be
+            warn_if_default_epsilon(epsilon, "is built as flax.nnx.BatchNorm is (with rngs)")
 
         def draw(init: Initializer, metadata: Mapping[str, Any]) -> Any:
             # One draw per parameter, as flax.nnx.BatchNorm makes (none without rngs).

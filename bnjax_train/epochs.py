@@ -2,12 +2,14 @@
 
 :func:`train_epoch` runs the rest of an epoch (checkpointing on the way, stopping early for
 ``stop_after_steps`` or a SIGINT/SIGTERM), :func:`evaluate` averages over a split, and
-:func:`end_epoch` writes the epoch's metrics line and checkpoint. They work on any run that
-has what :class:`LoopRun` lists (``bnjax_train.train.Run`` does).
+:func:`end_epoch` writes the epoch's metrics line, ``curves.png`` and checkpoint. They work on
+any run that has what :class:`LoopRun` lists (``bnjax_train.train.Run`` does).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -18,7 +20,7 @@ import bnjax
 from bnjax_train import input_pipeline, reporting, run_files
 from bnjax_train.loop_state import LoopState
 
-__all__ = ["LoopRun", "end_epoch", "evaluate", "train_epoch"]
+__all__ = ["LoopRun", "end_epoch", "evaluate", "show_progress", "train_epoch"]
 
 
 class LoopRun(Protocol):
@@ -53,6 +55,19 @@ class LoopRun(Protocol):
     def save(self, state: bnjax.TrainState, loop: LoopState) -> None: ...  # noqa: D102
 
 
+def show_progress(progress_bar: bool, is_main: bool) -> bool:
+    """Whether to draw the progress bar: asked for, process 0, and someone watching.
+
+    The bar (on stderr) is drawn only when stdout and stderr are both terminals, as tqdm
+    users expect: a run whose output goes to a file or a pipe logs only its lines.
+
+    Example:
+      >>> show_progress(True, is_main=False)
+      False
+    """
+    return bool(progress_bar) and is_main and sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def _count(run: LoopRun, loop: LoopState, pending: tuple[Any, int]) -> None:
     metrics, step = pending
     loop.count(run.first(metrics), step=step,
@@ -80,8 +95,8 @@ def train_epoch(run: LoopRun, state: bnjax.TrainState,
     config = run.config
     bar = tqdm(total=run.steps_per_epoch, initial=loop.batch_in_epoch,
                desc=f"epoch {loop.epoch + 1}/{config.num_epochs}",
-               disable=not (config.progress_bar and run.is_main), leave=False, unit="step",
-               dynamic_ncols=True)
+               disable=not show_progress(config.progress_bar, run.is_main), leave=False,
+               unit="step", dynamic_ncols=True)
     batches = input_pipeline.train_batches(
         run.ds, batch_size=config.batch_size, seed=config.seed, epoch=loop.epoch,
         start=loop.batch_in_epoch, num_local_devices=jax.local_device_count(),
@@ -169,5 +184,8 @@ def end_epoch(run: LoopRun, state: bnjax.TrainState, loop: LoopState,
         run_files.append_metrics(run.metrics_path, record)
         print(reporting.epoch_line(record, run.config.num_epochs, [s for s, _ in splits]),
               flush=True)
+        # With each epoch's checkpoint: an interrupted run has its curves too.
+        reporting.plot_curves(records, os.path.join(run.workdir, "curves.png"),
+                              reporting.run_title(run.config))
     loop.next_epoch()
     run.save(state, loop)

@@ -31,6 +31,7 @@ import numpy as np
 from bnjax_train.sources import (
     TFDS_PREFIX,
     DatasetNotFoundError,
+    PrepareError,
     find_prepared,
     open_source,
     prepare,
@@ -42,6 +43,7 @@ __all__ = [
     "TFDS_PREFIX",
     "Dataset",
     "DatasetNotFoundError",
+    "PrepareError",
     "Split",
     "eval_batches",
     "find_prepared",
@@ -388,7 +390,11 @@ def _main(argv: Sequence[str]) -> int:
     i.add_argument("--data_dir", default="data")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        print(prepare(args.dataset, args.data_dir))
+        try:
+            print(prepare(args.dataset, args.data_dir))
+        except PrepareError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     t = time.time()
     ds = load_dataset(args.dataset, data_dir=args.data_dir)

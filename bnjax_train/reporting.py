@@ -6,11 +6,16 @@ the epoch was skipped as non-finite) or a non-finite value; it prints as ``n/a``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = ["checkpoint_warning", "epoch_line", "final_line", "finished_line", "plot_curves",
            "resume_line", "run_title", "stopped_line"]
+
+
+#: Curves with at most this many points get a marker at each.
+_MARKERS_UP_TO = 50
 
 
 def _num(value: Any) -> str:
@@ -127,32 +132,46 @@ def run_title(config: Any) -> str:
 def plot_curves(records: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
     """Draws loss and accuracy against the step for each split into one PNG.
 
+    Steps are integers on the axis, and each point has a marker while there are few (a short
+    run's curve is a handful of points). The file is replaced atomically: a run stopped while
+    drawing keeps the previous figure.
+
     Example:
       >>> import os, tempfile
       >>> recs = [{"step": 4, "train_loss": 1.0, "train_accuracy": 0.5, "test_loss": 1.1,
       ...          "test_accuracy": 0.4}]
       >>> with tempfile.TemporaryDirectory() as d:
       ...     plot_curves(recs, os.path.join(d, "curves.png"), "tiny")
-      ...     os.path.getsize(os.path.join(d, "curves.png")) > 0
-      True
+      ...     sorted(os.listdir(d)), os.path.getsize(os.path.join(d, "curves.png")) > 0
+      (['curves.png'], True)
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [r["step"] for r in records]
+    marker = "o" if len(records) <= _MARKERS_UP_TO else None
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for split, style in (("train", "-"), ("val", ":"), ("test", "--")):
         if records and f"{split}_loss" in records[0]:
-            ax_loss.plot(steps, [r[f"{split}_loss"] for r in records], style, label=split)
-            ax_acc.plot(steps, [r[f"{split}_accuracy"] for r in records], style, label=split)
+            for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+                ax.plot(steps, [r[f"{split}_{metric}"] for r in records], style,
+                        marker=marker, label=split)
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")
     ax_acc.set(xlabel="step", ylabel="accuracy", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import importlib.metadata
+import logging
 import os
 import random
 import sys
@@ -38,6 +39,7 @@ __all__ = [
     "LOCAL_DATASETS",
     "TFDS_PREFIX",
     "DatasetNotFoundError",
+    "PrepareError",
     "Source",
     "find_prepared",
     "open_source",
@@ -366,11 +368,112 @@ class _TfdsReader:
 # Preparing a tensorflow-datasets set (needs network; never called by the training program).
 
 
+class PrepareError(RuntimeError):
+    """:func:`prepare` could not make the set: its source is unreachable, or a need is unmet."""
+
+
+def _image_set(builder: Any) -> bool:
+    """Whether the set has image features (tensorflow-datasets encodes them with TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    stack = [features]
+    while stack:
+        feature = stack.pop()
+        if isinstance(feature, tfds.features.Image):
+            return True
+        if isinstance(feature, tfds.features.FeaturesDict):
+            stack.extend(feature.values())
+    return False
+
+
+def _needs(name: str, builder: Any, data_dir: str) -> str:
+    """What preparing ``tfds:NAME`` needs, and the command that does it on another machine."""
+    import importlib.util
+
+    tf = "installed" if importlib.util.find_spec("tensorflow") else "not installed"
+    tf_line = (f"TensorFlow too: tensorflow-datasets encodes the set's images with it (it is {tf}"
+               " here); " if _image_set(builder) else "")
+    return (f"Preparing tfds:{name} needs network access to its source, and {tf_line}training "
+            "on the prepared copy needs neither. On a machine with both run\n"
+            f"    python -m bnjax_train.input_pipeline prepare tfds:{name} --data_dir {data_dir}\n"
+            f"then copy {os.path.join(data_dir, name)} here (or point --config.data_dir or "
+            "$TFDS_DATA_DIR to the folder holding it).")
+
+
+def _unreachable(urls: Any, timeout: float = 5.0) -> tuple[str, str] | None:
+    """The first of ``urls``' hosts that cannot be reached in ``timeout`` s, and why; or None.
+
+    One request per host, without retries, through the same ``requests`` (and proxy settings)
+    tensorflow-datasets downloads with; any HTTP answer counts as reachable.
+    """
+    import urllib.parse
+
+    import requests
+
+    seen = set()
+    for url in urls or ():
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or parts.netloc in seen:
+            continue
+        seen.add(parts.netloc)
+        try:
+            requests.head(url, timeout=timeout, allow_redirects=False).close()
+        except requests.RequestException as e:
+            reason = getattr(e.args[0], "reason", e) if e.args else e
+            return url, type(reason).__name__
+    return None
+
+
+def _snapshot(folder: str) -> set[str]:
+    return {os.path.join(d, n) for d, dirs, files in os.walk(folder) for n in dirs + files}
+
+
+def _remove_partial(data_dir: str, before: set[str], made_data_dir: bool) -> None:
+    """Removes what a failed preparation left: ``*.tmp*`` files and folders, empty folders.
+
+    Completed downloads stay, so that running the command again does not fetch them again.
+    """
+    import shutil
+
+    for d, dirs, files in os.walk(data_dir, topdown=False):
+        for n in files + dirs:
+            path = os.path.join(d, n)
+            if path in before or not os.path.lexists(path):
+                continue
+            if ".tmp" in n and os.path.isdir(path):
+                shutil.rmtree(path)
+            elif ".tmp" in n:
+                os.remove(path)
+            elif os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+    if made_data_dir and os.path.isdir(data_dir) and not os.listdir(data_dir):
+        os.rmdir(data_dir)
+
+
+def _download_and_prepare(name: str, builder: Any, data_dir: str) -> None:
+    """``builder.download_and_prepare()``; on failure, cleans up and raises one PrepareError."""
+    made_data_dir = not os.path.exists(data_dir)
+    before = set() if made_data_dir else _snapshot(data_dir)
+    try:
+        builder.download_and_prepare()
+    except BaseException as e:
+        _remove_partial(data_dir, before, made_data_dir)
+        if not isinstance(e, Exception):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise PrepareError(f"preparing tfds:{name} failed ({type(e).__name__}: {first}); "
+                           f"partial files removed. {_needs(name, builder, data_dir)}") from None
+
+
 def prepare(name: str, data_dir: str) -> str:
     """Downloads and prepares ``tfds:NAME`` in ``array_record`` format under ``data_dir``.
 
-    Needs network access (and TensorFlow for sets whose images are encoded at preparation,
-    such as ``mnist``). The training program never calls this.
+    Needs network access, and TensorFlow for image sets (tensorflow-datasets encodes their
+    images with it while preparing; reading them back does not need it). The training program
+    never calls this. The set's sources are tried first, once each: an unreachable one fails
+    at once, before anything is written; a preparation that fails later removes its partial
+    (``*.tmp*``) files and keeps the completed downloads.
 
     Args:
       name: ``mnist1d`` or ``tfds:NAME``.
@@ -378,6 +481,11 @@ def prepare(name: str, data_dir: str) -> str:
 
     Returns:
       The folder of the prepared set.
+
+    Raises:
+      ValueError: an unknown name.
+      PrepareError: a source cannot be reached, or the preparation failed; the message says
+        what preparing the set needs and how to do it on another machine.
 
     Example:
       >>> prepare("tfds:kmnist", data_dir="data")  # doctest: +SKIP
@@ -393,7 +501,20 @@ def prepare(name: str, data_dir: str) -> str:
     import tensorflow_datasets as tfds
 
     tfds_name = name[len(TFDS_PREFIX):]
-    builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # not "Variant folder ... has no dataset_info.json"
+    try:
+        builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    finally:
+        absl_log.setLevel(level)
+    if not prepared:
+        blocked = _unreachable(builder.url_infos)
+        if blocked is not None:
+            url, why = blocked
+            raise PrepareError(f"cannot prepare tfds:{tfds_name}: its source {url} cannot be "
+                               f"reached from this machine ({why}); nothing was written. "
+                               f"{_needs(tfds_name, builder, data_dir)}")
+        _download_and_prepare(tfds_name, builder, data_dir)
     return str(builder.data_dir)
-

@@ -315,9 +315,7 @@ def _run(run: Run, state: bnjax.TrainState, claim: Claim, changes: dict[str, lis
     result: dict[str, Any] = dict(records[-1]) if records else {"step": loop.step}
     if interrupted:
         return _interrupted(run, loop, result, saved=saved)
-    if run.is_main and records:
-        reporting.plot_curves(records, os.path.join(run.workdir, "curves.png"),
-                              reporting.run_title(config))
+    if run.is_main and records:  # curves.png is drawn at each epoch's end (end_epoch)
         print(reporting.final_line(result, time.time() - t_start, run.workdir), flush=True)
     return _inference_tools(run, state, result)
 

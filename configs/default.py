@@ -63,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Checkpoints, logging.
     config.checkpoint_every_steps = 0  # also save every N steps (0: each epoch and the end)
     config.keep_checkpoints = 2  # the newest K; a damaged newest one is skipped on resume
-    config.progress_bar = True
+    config.progress_bar = True  # drawn only when stdout and stderr are terminals
     config.stop_after_steps = 0  # stop (as if interrupted) after N steps; 0: never
 
     # Inference tools at the end of training (bnjax.inference).

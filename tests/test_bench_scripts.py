@@ -87,3 +87,24 @@ def test_inference_eval_gives_each_configuration_its_own_workdir_and_output(
         assert data["meta"]["benchmark"] == "inference_eval"
         assert 0.0 <= min(data["auroc"].values()) <= max(data["auroc"].values()) <= 1.0
         assert data["folded_max_rel_logit_diff"] < 1e-5
+
+
+def test_port_quick_run_agrees_with_flax_to_float64_rounding(tmp_path):
+    # The Flax model and its bnjax port, five SGD steps in float32 and in float64: in float64
+    # they agree to rounding (the same arithmetic, step after step); in float32 each differs
+    # from its float64 run by float32 rounding, visible but small.
+    out = tmp_path / "port.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "port", "--quick", "--out",
+                           str(out)], cwd=tmp_path, env=fast_compile_env(one_device_env()),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["benchmark"] == "port" and data["quick"] is True
+    assert [(r["seed"], r["step"]) for r in data["rows"]] == [(0, 1), (0, 5)]
+    for r in data["rows"]:
+        assert r["bnjax_vs_flax_f64"] < 1e-12, r
+        for key in ("flax_f32_vs_f64", "bnjax_f32_vs_f64", "bnjax_vs_flax_f32"):
+            assert 1e-9 < r[key] < 1e-4, (key, r)
+    from benchmarks.report import render_all
+
+    assert render_all(data) in proc.stdout

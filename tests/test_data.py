@@ -1,11 +1,15 @@
 """bnjax_train.input_pipeline: MNIST-1D (vs the mnist1d package), tfds sets, batches, shards."""
 
+import importlib.util
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import tfds_fake
+from processes import free_port
 
 from bnjax_train import input_pipeline as data
 from bnjax_train import sources
@@ -204,6 +208,66 @@ def test_digits_are_scikit_learns_in_the_documented_split(tmp_path):
     want = (ref.images[test[:5]] / 16.0 - scaled.mean()) / scaled.std()
     np.testing.assert_allclose(ds.normalize(ds.test.x[:5])[..., 0], want, rtol=1e-5, atol=1e-5)
     assert data.prepare("digits", str(tmp_path)) == "sklearn.datasets.load_digits"
+
+
+def test_prepare_offline_fails_in_seconds_with_one_message(tmp_path):
+    # A real `prepare` of a real set whose source cannot be reached: every request goes to a
+    # closed local port (the proxy), as offline as this machine is on any machine.
+    port = free_port()
+    proxy = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy,
+           "https_proxy": proxy, "NO_PROXY": "", "no_proxy": "",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    data_dir = tmp_path / "data"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bnjax_train.input_pipeline", "prepare",
+                           "tfds:kmnist", "--data_dir", str(data_dir)],
+                          env=env, capture_output=True, text=True, timeout=90)
+    assert time.monotonic() - t0 < 60  # it used to retry for 3.5 minutes
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = proc.stderr
+    assert "Traceback" not in err and err.count("error: ") == 1, err
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert "cannot prepare tfds:kmnist: its source http://codh.rois.ac.jp/" in line
+    assert "cannot be reached from this machine" in line and "nothing was written" in line
+    tf = "installed" if importlib.util.find_spec("tensorflow") else "not installed"
+    assert (f"and TensorFlow too: tensorflow-datasets encodes the set's images with it (it is "
+            f"{tf} here)") in line
+    assert "python -m bnjax_train.input_pipeline prepare tfds:kmnist --data_dir" in err
+    assert not data_dir.exists()  # no *.tmp, no empty folders
+
+
+def test_prepare_failing_midway_removes_its_partial_files(tmp_path):
+    # A set whose preparation fails after a download finished and another started: the
+    # finished one stays (running again does not fetch it again), the partial one goes.
+    data_dir = tmp_path / "data"
+    (data_dir / "other").mkdir(parents=True)
+
+    def split_generators(self, dl_manager):
+        folder = dl_manager.download_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "done.gz").write_bytes(b"complete")
+        (folder / "part.gz.tmp.1f2e").mkdir()
+        (folder / "part.gz.tmp.1f2e" / "part.gz").write_bytes(b"half")
+        raise ConnectionError("the connection was reset")
+
+    type("BnjaxFailsMidway", (tfds_fake.tfds.core.GeneratorBasedBuilder,), {
+        "VERSION": tfds_fake.tfds.core.Version("1.0.0"),
+        "_info": lambda self: tfds_fake.tfds.core.DatasetInfo(
+            builder=self, features=tfds_fake.tfds.features.FeaturesDict(
+                {"x": tfds_fake.tfds.features.Tensor(shape=(2,), dtype=np.float32)})),
+        "_split_generators": split_generators,
+        "_generate_examples": lambda self: iter(()),
+    })
+    with pytest.raises(sources.PrepareError) as info:
+        sources.prepare("tfds:bnjax_fails_midway", str(data_dir))
+    msg = str(info.value)
+    assert msg.startswith("preparing tfds:bnjax_fails_midway failed (ConnectionError: the "
+                          "connection was reset); partial files removed.")
+    assert "TensorFlow" not in msg  # no image features: it is not needed
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    left = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
+    assert left == ["downloads", "downloads/done.gz", "other"], left
 
 
 @pytest.mark.parametrize("name", ["mnist", "tfds:", "tfds:../x", "", None, "MNIST1D"])

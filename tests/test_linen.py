@@ -1,6 +1,8 @@
 """bnjax.BatchNorm (flax.linen) against flax.linen.BatchNorm, Keras 3 and NumPy references."""
 
+import functools
 import os
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -8,9 +10,12 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import bnjax  # noqa: E402
+import bnjax.nnx as bnnx  # noqa: E402
 
 
 class ConvNet(nn.Module):
@@ -110,6 +115,45 @@ def test_several_training_calls_match_numpy_reference():
 X = jnp.arange(24.0).reshape(8, 3)
 
 
+def _epsilon_warnings(fn, action="always"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter(action)
+        fn()
+    return [w for w in caught if issubclass(w.category, bnjax.FlaxEpsilonWarning)]
+
+
+def test_flax_style_port_with_the_default_epsilon_warns_once_and_the_advice_holds():
+    x = jnp.asarray(np.random.default_rng(4).normal(0, 0.01, (16, 3)), jnp.float32)
+    key = jax.random.key(0)
+    flax_v = nn.BatchNorm(momentum=0.9).init(key, x, use_running_average=True)
+    flax_y, _ = nn.BatchNorm(momentum=0.9).apply(flax_v, x, False, mutable=["batch_stats"])
+
+    def ported(**kw):  # the text nn.BatchNorm replaced by bnjax.BatchNorm
+        return bnjax.BatchNorm(momentum=0.9, **kw).apply(flax_v, x, False,
+                                                         mutable=["batch_stats"])[0]
+
+    caught = _epsilon_warnings(lambda: (ported(), ported()), action="default")
+    assert len(caught) == 1  # once, not per call
+    assert "Pass epsilon=1e-5 to keep Flax's numbers" in str(caught[0].message)
+    # The advice: the default changes Flax's numbers (0.01-scale input: var ~ 1e-4),
+    # epsilon=1e-5 keeps them, against flax.linen.BatchNorm itself.
+    assert float(jnp.abs(ported() - flax_y).max()) > 1.0
+    np.testing.assert_allclose(ported(epsilon=1e-5), flax_y, rtol=1e-4, atol=1e-4)
+    # Every Flax way of giving the mode warns: positional, keyword, the field.
+    bn = bnjax.BatchNorm()
+    v = bn.init(key, x, training=False)
+    for call in (lambda: bn.apply(v, x, True), lambda: bn.apply(v, x, use_running_average=True),
+                 lambda: bnjax.BatchNorm(use_running_average=True).apply(v, x)):
+        assert len(_epsilon_warnings(call)) == 1
+    # An epsilon given (Keras's too), the Keras-style call and a frozen layer do not.
+    for call in (lambda: bnjax.BatchNorm(epsilon=1e-3).apply(v, x, True),
+                 lambda: bnjax.BatchNorm(epsilon=1e-5).apply(v, x, True),
+                 lambda: bn.apply(v, x, training=False),
+                 lambda: bnjax.BatchNorm(frozen=True).apply(v, x, True)):
+        assert _epsilon_warnings(call) == []
+
+
+
 def _init(**kw):
     bn = bnjax.BatchNorm(**kw)
     return bn, bn.init(jax.random.key(0), X, use_running_average=True)
@@ -179,6 +223,103 @@ def test_frozen_layer_is_inference_and_never_updates():
     np.testing.assert_allclose(y, y_ref, rtol=1e-5)
     # no mode and no mutable collection needed for a frozen layer
     np.testing.assert_allclose(bn.apply(variables, X), y_ref, rtol=1e-5)
+
+
+@functools.cache
+def _keras_frozen_training(keras, steps=3, lr=0.05):
+    """Dense -> BatchNormalization(trainable=False) -> Dense after ``steps`` Keras SGD steps.
+
+    Returns the initial weights, the batch and the weights after training, by layer name.
+    """
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(16, 5)) * 2 + 1).astype(np.float32)
+    t = rng.normal(size=(16, 2)).astype(np.float32)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, name="d0"),
+                              keras.layers.BatchNormalization(momentum=0.9, name="bn"),
+                              keras.layers.Dense(2, name="d1")])
+    bn = model.get_layer("bn")
+    bn.set_weights([rng.uniform(0.5, 2, 4), rng.normal(size=4), rng.normal(size=4),
+                    rng.uniform(0.5, 2, 4)])
+    bn.trainable = False  # Keras: inference mode, and no gradients for gamma and beta
+    names = ("d0", "bn", "d1")
+    before = {n: [np.array(w) for w in model.get_layer(n).get_weights()] for n in names}
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse")
+    for _ in range(steps):
+        model.train_on_batch(x, t)
+    after = {n: [np.array(w) for w in model.get_layer(n).get_weights()] for n in names}
+    return before, x, t, after
+
+
+class _FrozenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, training):
+        x = nn.Dense(4, name="d0")(x)
+        x = bnjax.BatchNorm(momentum=0.9, frozen=True, name="bn")(x, training=training)
+        return nn.Dense(2, name="d1")(x)
+
+
+class _FrozenNnxNet(nnx.Module):
+    def __init__(self, before):
+        rngs = nnx.Rngs(0)
+        self.d0, self.d1 = nnx.Linear(5, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
+        for layer, (kernel, bias) in ((self.d0, before["d0"]), (self.d1, before["d1"])):
+            layer.kernel[...], layer.bias[...] = jnp.asarray(kernel), jnp.asarray(bias)
+        self.bn = bnnx.BatchNorm(4, momentum=0.9, frozen=True)
+        gamma, beta, mean, var = (jnp.asarray(w, jnp.float32) for w in before["bn"])
+        self.bn.scale[...], self.bn.bias[...] = gamma, beta
+        self.bn.mean[...], self.bn.var[...] = mean, var
+
+    def __call__(self, x):
+        return self.d1(self.bn(self.d0(x)))
+
+
+def _train_frozen_linen(before, x, t, steps, lr):
+    (k0, b0), (gamma, beta, mean, var), (k1, b1) = before["d0"], before["bn"], before["d1"]
+    variables = {"params": {"d0": {"kernel": k0, "bias": b0},
+                            "bn": {"scale": gamma, "bias": beta},
+                            "d1": {"kernel": k1, "bias": b1}},
+                 "batch_stats": {"bn": {"mean": mean, "var": var}}}
+    variables = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables)
+    params, tx = variables["params"], optax.sgd(lr)
+    opt_state = tx.init(params)
+    loss = lambda p: jnp.mean((_FrozenNet().apply(  # noqa: E731
+        {**variables, "params": p}, x, training=True) - t) ** 2)
+    for _ in range(steps):
+        grads = jax.grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state)
+        params = optax.apply_updates(params, updates)
+    stats = variables["batch_stats"]["bn"]
+    return {"d0": [params["d0"]["kernel"], params["d0"]["bias"]],
+            "bn": [params["bn"]["scale"], params["bn"]["bias"], stats["mean"], stats["var"]],
+            "d1": [params["d1"]["kernel"], params["d1"]["bias"]]}
+
+
+def _train_frozen_nnx(before, x, t, steps, lr):
+    model = _FrozenNnxNet(before)
+    model.train()
+    optimizer = nnx.Optimizer(model, optax.sgd(lr), wrt=nnx.Param)
+    loss = lambda m: jnp.mean((m(x) - t) ** 2)  # noqa: E731
+    for _ in range(steps):
+        optimizer.update(model, nnx.grad(loss)(model))
+    return {"d0": [model.d0.kernel[...], model.d0.bias[...]],
+            "bn": [model.bn.scale[...], model.bn.bias[...], model.bn.mean[...],
+                   model.bn.var[...]],
+            "d1": [model.d1.kernel[...], model.d1.bias[...]]}
+
+
+@pytest.mark.parametrize("train", [_train_frozen_linen, _train_frozen_nnx],
+                         ids=["linen", "nnx"])
+def test_frozen_layer_trains_like_keras_trainable_false(keras, train):
+    # Keras's trainable=False: inference mode, and gamma and beta are not trained. After the
+    # same SGD steps every weight, the frozen layer's included, is Keras's.
+    before, x, t, after = _keras_frozen_training(keras)
+    ours = train(before, x, t, steps=3, lr=0.05)
+    for name in ("d0", "bn", "d1"):
+        for a, b in zip(ours[name], after[name], strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=name)
+    for a, b in zip(after["bn"], before["bn"], strict=True):
+        np.testing.assert_array_equal(a, b)  # Keras left the frozen layer as it was
+    assert not np.allclose(after["d0"][0], before["d0"][0])  # and trained the others
 
 
 def test_init_runs_outside_pmap_with_axis_name_and_does_not_update():

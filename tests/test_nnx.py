@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,21 @@ def test_train_eval_switch_and_view():
     # A call-time flag overrides the attribute.
     model.bn(model.dense(x), training=False)
     np.testing.assert_array_equal(np.asarray(model.bn.var[...]), before)
+
+
+def test_built_as_flax_nnx_with_the_default_epsilon_warns_once():
+    def count(fn, action="always"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter(action)
+            fn()
+        return sum(issubclass(w.category, bnjax.FlaxEpsilonWarning) for w in caught)
+
+    # With rngs, as flax.nnx.BatchNorm must be built: a port that kept bnjax's default.
+    assert count(lambda: [bnnx.BatchNorm(3, rngs=nnx.Rngs(0)) for _ in range(2)],
+                 action="default") == 1
+    assert count(lambda: bnnx.BatchNorm(3, epsilon=1e-5, rngs=nnx.Rngs(0))) == 0
+    assert count(lambda: bnnx.BatchNorm(3, epsilon=1e-3, rngs=nnx.Rngs(0))) == 0
+    assert count(lambda: bnnx.BatchNorm(3)) == 0  # no rngs: bnjax's own way
 
 
 def test_frozen_and_explicit_mode():

@@ -198,6 +198,21 @@ def test_bad_config_values_name_the_field(field, value, match):
         config_lib.validate_config(config, num_devices=8)
 
 
+def test_misspelled_field_gets_a_suggestion_and_the_documented_fields():
+    config = config_lib.load_config("tiny")
+    config.unlock()
+    config.lerning_rate, config.progres_bar, config.wibble = 0.1, False, 1
+    with pytest.raises(ValueError) as info:
+        config_lib.validate_config(config, num_devices=1)
+    lines = str(info.value).splitlines()[1:]
+    documented = sorted(config_lib.load_config("default").keys())  # configs/default.py
+    assert "with_bn" not in documented
+    for line, field, hint in zip(lines, ("lerning_rate", "progres_bar", "wibble"),
+                                 (" did you mean 'learning_rate'?",
+                                  " did you mean 'progress_bar'?", ""), strict=True):
+        assert line == f"  config.{field}: unknown field;{hint} known fields: {documented}"
+
+
 def test_with_bn_field_switches_the_norm():
     config = config_lib.load_config("mnist_mlp")
     assert config_lib.resolved_norm(config) == "batch"
@@ -353,3 +368,23 @@ def test_digits_config_trains_offline_from_any_folder(tmp_path):
     (record,) = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert record["step"] == 8 and 0.0 <= record["test_accuracy"] <= 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no data/ made anywhere
+
+
+def test_short_run_curves_have_integer_step_ticks_and_markers(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from bnjax_train import reporting
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    records = [{"step": s, "train_loss": 1.0 / s, "train_accuracy": 0.1 * s,
+                "test_loss": 1.2 / s, "test_accuracy": 0.09 * s} for s in (4, 8)]
+    reporting.plot_curves(records, str(tmp_path / "curves.png"), "tiny")
+    (fig,) = drawn
+    for ax in fig.axes:
+        ticks = ax.get_xticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        assert [line.get_marker() for line in ax.get_lines()] == ["o", "o"]
+        assert [list(line.get_xdata()) for line in ax.get_lines()] == [[4, 8], [4, 8]]

@@ -118,12 +118,30 @@ def reference(data_dir, env, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stopped(data_dir, env, tmp_path_factory):
-    """The tiny run stopped after step 6: checkpoints 4 (end of epoch 1) and 6."""
+    """The tiny run stopped after step 6: checkpoints 4 (end of epoch 1) and 6.
+
+    It asks for a progress bar; its output (pipes, no terminal) is kept in ``../output.txt``.
+    """
     workdir = tmp_path_factory.mktemp("stopped") / "run"
-    proc = run(cmd(workdir, data_dir, "--config.stop_after_steps=6"), env)
+    proc = run(cmd(workdir, data_dir, "--config.stop_after_steps=6",
+                   "--config.progress_bar=True"), env)
     assert proc.returncode == 0, proc.stderr
     assert steps(workdir) == [4, 6]
+    (workdir.parent / "output.txt").write_text(proc.stdout + proc.stderr)
     return str(workdir)
+
+
+def test_stopped_run_has_its_curves_and_logs_no_progress_bar(stopped):
+    # Asked for, the bar is still not drawn into output that goes to pipes; the run stopped
+    # mid-epoch 2 has epoch 1's curves (drawn with its checkpoint).
+    with open(os.path.join(os.path.dirname(stopped), "output.txt")) as f:
+        output = f.read()
+    assert "Stopped after step 6" in output
+    assert "%|" not in output and "step/s" not in output, output
+    assert sorted(os.listdir(stopped)) == ["checkpoints", "config.json", "curves.png",
+                                           "metrics.jsonl"]
+    with open(os.path.join(stopped, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def copy_of(stopped, folder):
@@ -361,7 +379,8 @@ def test_a_workdir_with_metrics_but_no_checkpoint_is_not_started_over(data_dir, 
     proc = run(cmd(workdir, data_dir), env)
     assert_one_line_error(proc, f"--workdir {workdir} holds a run (metrics up to step 4",
                           "but no checkpoint")
-    assert sorted(os.listdir(workdir)) == ["config.json", "metrics.jsonl", "notes.md"]
+    assert sorted(os.listdir(workdir)) == ["config.json", "curves.png", "metrics.jsonl",
+                                           "notes.md"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -124,7 +124,8 @@ def bn_layers(model: nn.Module, variables: Mapping[str, Any], x: Array,
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax
-      >>> model = nn.Sequential([nn.Dense(2), bnjax.BatchNorm(use_running_average=True)])
+      >>> model = nn.Sequential([nn.Dense(2),
+      ...                        bnjax.BatchNorm(use_running_average=True, epsilon=1e-3)])
       >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
       >>> [c.path for c in bn_layers(model, variables, jnp.ones((4, 3)), {}, "example")]
       [('layers_1',)]
@@ -183,7 +184,7 @@ def make_collector(model: nn.Module, call_kwargs: Mapping[str, Any],
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax
-      >>> model = nn.Sequential([bnjax.BatchNorm(use_running_average=True)])
+      >>> model = nn.Sequential([bnjax.BatchNorm(use_running_average=True, epsilon=1e-3)])
       >>> x = jnp.array([[1.0], [3.0]])
       >>> variables = model.init(jax.random.key(0), x)
       >>> make_collector(model, {}, ("layers_0",))(variables, x).var

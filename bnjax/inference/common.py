@@ -85,8 +85,8 @@ def bridged_message(fn: str, where: str) -> str:
     """The error for an NNX module bridged to linen, met as the model or inside it.
 
     Example:
-      >>> bridged_message("fold_batch_norm", "layer 'ToLinen_0'").split(";")[0]
-      "fold_batch_norm: layer 'ToLinen_0' is an NNX module bridged to linen (flax.nnx.bridge.to_linen)"
+      >>> bridged_message("fold_batch_norm", "layer 'ToLinen_0'").split(" (")[0]
+      "fold_batch_norm: layer 'ToLinen_0' is an NNX module bridged to linen"
     """
     return (
         f"{fn}: {where} is an NNX module bridged to linen (flax.nnx.bridge.to_linen); its "

@@ -125,7 +125,8 @@ def intercept_layers(
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax
-      >>> model = nn.Sequential([nn.Dense(2), bnjax.BatchNorm(use_running_average=True)])
+      >>> model = nn.Sequential([nn.Dense(2),
+      ...                        bnjax.BatchNorm(use_running_average=True, epsilon=1e-3)])
       >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
       >>> seen = []
       >>> def on_bn(call, next_fun):
@@ -194,7 +195,8 @@ def trace_layers(
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax
-      >>> model = nn.Sequential([nn.Dense(2), bnjax.BatchNorm(use_running_average=True)])
+      >>> model = nn.Sequential([nn.Dense(2),
+      ...                        bnjax.BatchNorm(use_running_average=True, epsilon=1e-3)])
       >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
       >>> calls, jaxpr = trace_layers(model, variables, jnp.ones((4, 3)), {}, "example")
       >>> [(c.kind, c.path, c.in_shape) for c in calls]
@@ -268,7 +270,7 @@ def bn_producers(jaxpr: Any, calls: list[LayerCall], top: bool = True) -> dict[i
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, bnjax
       >>> model = nn.Sequential([nn.Dense(2), nn.relu,
-      ...                        bnjax.BatchNorm(use_running_average=True)])
+      ...                        bnjax.BatchNorm(use_running_average=True, epsilon=1e-3)])
       >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
       >>> calls, jaxpr = trace_layers(model, variables, jnp.ones((4, 3)), {}, "example")
       >>> bn_producers(jaxpr, calls)
