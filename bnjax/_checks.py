@@ -264,7 +264,9 @@ def _refuse_two_meanings(shape: tuple[int, ...], x_shape: tuple[int, ...],
         broadcasts = np.broadcast_shapes(shape, x_shape) == tuple(x_shape)
     except ValueError:
         broadcasts = False
-    if not broadcasts or reduced == trailing:
+    # The readings differ only where a mask axis of size > 1 lands on different input axes.
+    if not broadcasts or all(n == 1 or r == t for n, r, t in zip(shape, reduced, trailing,
+                                                                 strict=True)):
         return
     row = tuple(1 if i in axes else n for i, n in enumerate(x_shape))
     value = tuple((1,) * (len(x_shape) - len(shape)) + tuple(shape))

@@ -60,6 +60,11 @@ def problems(draw, few_shapes=False):
         if mask_kind == "one":  # exactly one valid value per feature
             mask = np.zeros(red_shape, bool)
             mask.reshape(-1)[rng.integers(mask.size)] = True
+        try:  # a shape that broadcasts to x's too could mean per feature: spell it out
+            np.broadcast_shapes(red_shape, shape)
+            mask = np.expand_dims(mask, feat)
+        except ValueError:
+            pass
     momentum = draw(st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]))
     epsilon = draw(st.sampled_from([1e-5, 1e-3, 0.1, 1.0]))
     fshape = tuple(shape[a] for a in feat)
@@ -95,6 +100,12 @@ def _to64(y):
     return np.asarray(y).astype(np.float64)
 
 
+def _per_value(mask, feat, shape):
+    """A per-position mask (without or with size-1 feature axes) as float64 of x's shape."""
+    full = mask if mask.ndim == len(shape) else np.expand_dims(mask, feat)
+    return np.broadcast_to(full, shape).astype(np.float64)
+
+
 def _reference(x, feat, mask, momentum, eps, stats, params):
     """Float64 reference; returns y, new mean, new var and the per-feature count."""
     x = np.asarray(x, np.float64)
@@ -104,7 +115,7 @@ def _reference(x, feat, mask, momentum, eps, stats, params):
     elif mask.shape == x.shape:
         w = mask.astype(np.float64)
     else:
-        w = np.broadcast_to(np.expand_dims(mask, feat), x.shape).astype(np.float64)
+        w = _per_value(mask, feat, x.shape)
     n = w.sum(red, keepdims=True)
     safe = np.maximum(n, 1)
     mean = (w * x).sum(red, keepdims=True) / safe
@@ -215,7 +226,7 @@ def test_gradients_agree_with_float64_reference(problem):
     elif mask.shape == x.shape:
         valid = mask.astype(np.float64)
     else:
-        valid = np.broadcast_to(np.expand_dims(mask, feat), x.shape).astype(np.float64)
+        valid = _per_value(mask, feat, x.shape)
 
     gx, gp = _compiled_grads(axis, eps)(x32, params, stats, mask, valid > 0)
     with jax.enable_x64(True):
