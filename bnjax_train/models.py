@@ -100,7 +100,7 @@ class BatchFreeNorm(nn.Module):
 
 
 class FlaxBatchNorm(nn.BatchNorm):
-    """``flax.linen.BatchNorm`` itself, called like the zoo's other norms: ``norm(x, training=...)``.
+    """``flax.linen.BatchNorm`` itself, called like the zoo's other norms: ``norm(x, training=t)``.
 
     ``make_norm("flax")``: Flax's layer with Keras' momentum and epsilon (0.99, 1e-3), as the
     zoo's bnjax layers have them. The baseline of the benchmarks, and a model for
