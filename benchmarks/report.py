@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, markdown_table
+from bnjax.benchmark import model_table
 from bnjax_train.studies.render import TABLES as STUDY_TABLES
 
 __all__ = ["TABLES", "kind_of", "render", "render_all", "update"]
@@ -104,19 +105,7 @@ def _memory(data: Data) -> str:
 
 
 def _model(data: Data) -> str:
-    table = []
-    for r in data["model"]:
-        name = f"{r['model']} {r['step']}, batch {r['batch']}, {r.get('dtype', 'float32')}"
-        cost = r.get("bn_cost_pct")
-        cost = "-" if cost is None else f"{cost:+.0f} %"
-        if r["available"]:
-            peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
-            table.append([name, r["variant"], r["median_ms"], r["ratio_to_flax"], cost, peak])
-        else:
-            table.append([name, r["variant"], r["note"], "-", "-", "-"])
-    return ("Model level (median ms of the jitted step; train = forward, backward and update):"
-            "\n\n" + markdown_table(["step", "normalization", "ms", "ratio to flax BN",
-                                      "BN cost over no norm", "peak MiB"], table))
+    return model_table(data["model"])
 
 
 def _fold(r: Data) -> str:
@@ -227,6 +216,7 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "inference_eval": {"accuracy": _accuracy, "auroc": _auroc},
     "train": {"summary": _train_summary},
     "gpu_check": {"checks": _gpu_checks, "op": _op, "memory": _memory, "model": _model},
+    "compare": {"model": _model},  # bnjax-bench (bnjax.timing)
 }
 
 
