@@ -24,9 +24,10 @@ the step is timed.
 
 Every variant is compiled first, warmed up, then timed in one loop, interleaved (the order
 rotates from one round to the next), for ``--steps`` steps each, by the timer every bnjax
-timing shares (``bnjax.benchmark.median_times``); the tables give median and quartiles. The 8 devices are forced with ``--xla_force_host_platform_device_count=8`` (set by
-``python -m benchmarks`` before JAX starts) and share the host's cores, so the figures are the
-cost of the collectives on a CPU, not on accelerators.
+timing shares (``bnjax.benchmark.median_times``); the tables give median and quartiles. The
+8 devices are forced with ``--xla_force_host_platform_device_count=8`` (set by ``python -m
+benchmarks`` before JAX starts) and share the host's cores, so the figures are the cost of
+the collectives on a CPU, not on accelerators.
 
 ``--quick`` runs every variant on a tiny net (:data:`QUICK_MODEL`: one conv and one dense
 layer of 8 channels) with variables drawn by NumPy (``common.init_variables``), so that the

@@ -338,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S%z")
+    env = environment()  # the load at the start (write_json records it at the end)
     t0 = time.perf_counter()
     try:
         kwargs, shape = _kwargs(args.kwarg), _shape(args.input_shape)
@@ -352,7 +353,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     git = git_commit()
-    env = environment()
     meta = {"benchmark": "compare", "command": shlex.join(["bnjax-bench", *argv]),
             "git_commit": git["commit"], "git_dirty": git["dirty"], "started": started,
             "model": args.model, "kwargs": kwargs, "input_shape": list(shape),
