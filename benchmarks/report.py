@@ -108,6 +108,16 @@ def _model(data: Data) -> str:
     return model_table(data["model"])
 
 
+def _run_time(r: Data) -> str:
+    meta = r["meta"]
+    start, end = (meta.get("environment") or {}).get("load_average"), meta.get("load_average_end")
+    load = "/".join(map(str, start)) if start else "not recorded"
+    return (f"The whole command (compiling every step, then the timed rounds) took "
+            f"{meta['seconds']:.0f} s; load average {load} at the start and "
+            f"{'/'.join(map(str, end)) if end else 'not recorded'} at the end (1/5/15 min) on "
+            f"{(meta.get('environment') or {}).get('cores_usable', '?')} usable cores.")
+
+
 def _fold(r: Data) -> str:
     rows = [[name, v["median_ms"], v["p25_ms"], v["p75_ms"], round(v["images_per_s"])]
             for name, v in r["results"].items()]
@@ -216,7 +226,7 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "inference_eval": {"accuracy": _accuracy, "auroc": _auroc},
     "train": {"summary": _train_summary},
     "gpu_check": {"checks": _gpu_checks, "op": _op, "memory": _memory, "model": _model},
-    "compare": {"model": _model},  # bnjax-bench (bnjax.timing)
+    "compare": {"model": _model, "run": _run_time},  # bnjax-bench (bnjax.timing)
 }
 
 
