@@ -313,3 +313,43 @@ def test_nnx_errors_name_the_layer_path():
         bnjax.replace_nnx_batch_norm(tupled)
     with pytest.raises(ValueError, match="model is itself a flax.nnx.BatchNorm"):
         bnjax.replace_nnx_batch_norm(nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+
+
+def test_linen_swap_is_exact_where_flax_fast_variance_is_not():
+    """A large mean against the spread: bnjax's shifted sums keep the digits Flax loses."""
+    x = np.random.default_rng(7).normal(size=(64, 5)) * 3 + 100
+    ref = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    bn = nn.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), jnp.asarray(x, jnp.float32))
+    flax_y, _ = bn.apply(variables, jnp.asarray(x, jnp.float32), mutable=["batch_stats"])
+    with bnjax.replacing_flax_batch_norm():
+        y, _ = bn.apply(variables, jnp.asarray(x, jnp.float32), mutable=["batch_stats"])
+    assert np.max(np.abs(np.asarray(y) - ref)) < 1e-5 < np.max(np.abs(np.asarray(flax_y) - ref))
+
+
+def test_linen_swap_under_scan_and_with_a_layer_called_twice():
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            bn = nn.BatchNorm(use_running_average=False, momentum=0.5)
+            return bn(bn(x) * 2 + 1)
+
+    class Body(nn.Module):
+        @nn.compact
+        def __call__(self, c, _):
+            return Twice()(nn.Dense(3)(c)), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Body, variable_axes={"params": 0, "batch_stats": 0},
+                           split_rngs={"params": True}, length=2)
+            return scan()(x, None)[0]
+
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(6, 3)), jnp.float32)
+    variables = Stack().init(jax.random.key(0), x)
+    flax_out = Stack().apply(variables, x, mutable=["batch_stats"])
+    with bnjax.replacing_flax_batch_norm(guard_non_finite=False) as report:
+        out = Stack().apply(variables, x, mutable=["batch_stats"])
+    assert report.replaced == ["ScanBody_0/Twice_0/BatchNorm_0"]
+    _tree_check(CLOSE, out, flax_out)
