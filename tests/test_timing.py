@@ -42,7 +42,7 @@ def test_bench_command_prints_the_table_of_its_json(bench_run):
     assert meta["benchmark"] == "compare"
     assert meta["command"].startswith("bnjax-bench " + " ".join(ARGS) + " --out ")
     assert meta["kwargs"] == {"norm": "flax", "blocks_per_stage": 0}
-    assert meta["input_shape"] == [8, 8, 3] and meta["reps"] == 2
+    assert meta["input_shape"] == [32, 32, 3] and meta["reps"] == 2
     assert len(meta["git_commit"]) == 40 and meta["seconds"] > 0
     for key in ("device", "jax", "flax", "optax", "bnjax", "load_average"):
         assert key in meta["environment"], key
