@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import REPO, markdown_table
+from bnjax.benchmark import model_table
 from bnjax_train.studies.render import TABLES as STUDY_TABLES
 from bnjax_train.studies.render import provenance as _provenance
 
@@ -106,19 +107,17 @@ def _memory(data: Data) -> str:
 
 
 def _model(data: Data) -> str:
-    table = []
-    for r in data["model"]:
-        name = f"{r['model']} {r['step']}, batch {r['batch']}, {r.get('dtype', 'float32')}"
-        cost = r.get("bn_cost_pct")
-        cost = "-" if cost is None else f"{cost:+.0f} %"
-        if r["available"]:
-            peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
-            table.append([name, r["variant"], r["median_ms"], r["ratio_to_flax"], cost, peak])
-        else:
-            table.append([name, r["variant"], r["note"], "-", "-", "-"])
-    return ("Model level (median ms of the jitted step; train = forward, backward and update):"
-            "\n\n" + markdown_table(["step", "normalization", "ms", "ratio to flax BN",
-                                      "BN cost over no norm", "peak MiB"], table))
+    return model_table(data["model"])
+
+
+def _run_time(r: Data) -> str:
+    meta = r["meta"]
+    start, end = (meta.get("environment") or {}).get("load_average"), meta.get("load_average_end")
+    load = "/".join(map(str, start)) if start else "not recorded"
+    return (f"The whole command (compiling every step, then the timed rounds) took "
+            f"{meta['seconds']:.0f} s; load average {load} at the start and "
+            f"{'/'.join(map(str, end)) if end else 'not recorded'} at the end (1/5/15 min) on "
+            f"{(meta.get('environment') or {}).get('cores_usable', '?')} usable cores.")
 
 
 def _fold(r: Data) -> str:
@@ -244,6 +243,7 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "train": {"summary": _train_summary},
     "port": {"drift": _port_drift},
     "gpu_check": {"checks": _gpu_checks, "op": _op, "memory": _memory, "model": _model},
+    "compare": {"model": _model, "run": _run_time},  # bnjax-bench (bnjax.timing)
 }
 
 

@@ -23,10 +23,11 @@ synchronized or per-device BN. The state and the batch are placed on the devices
 the step is timed.
 
 Every variant is compiled first, warmed up, then timed in one loop, interleaved (the order
-rotates from one round to the next), for ``--steps`` steps each; the tables give median and
-quartiles. The 8 devices are forced with ``--xla_force_host_platform_device_count=8`` (set by
-``python -m benchmarks`` before JAX starts) and share the host's cores, so the figures are the
-cost of the collectives on a CPU, not on accelerators.
+rotates from one round to the next), for ``--steps`` steps each, by the timer every bnjax
+timing shares (``bnjax.benchmark.median_times``); the tables give median and quartiles. The
+8 devices are forced with ``--xla_force_host_platform_device_count=8`` (set by ``python -m
+benchmarks`` before JAX starts) and share the host's cores, so the figures are the cost of
+the collectives on a CPU, not on accelerators.
 
 ``--quick`` runs every variant on a tiny net (:data:`QUICK_MODEL`: one conv and one dense
 layer of 8 channels) with variables drawn by NumPy (``common.init_variables``), so that the
@@ -35,7 +36,7 @@ smoke test compiles in seconds.
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
-from benchmarks.common import init_variables, quantiles
+from benchmarks.common import init_variables, median_times
 from bnjax_train.models import create_model
 
 __all__ = ["PARALLEL_VARIANTS", "QUICK_MODEL", "run", "run_parallel"]
@@ -76,29 +77,21 @@ def _state(axis_name: str | None, x: np.ndarray, seed: int, quick: bool) -> bnja
                                    batch_stats=v["batch_stats"], tx=optax.sgd(0.01))
 
 
+def _advance(variant: list[Any]) -> Any:
+    """One train step of a ``[state, step, batch]`` variant; the new state is kept."""
+    variant[0], metrics = variant[1](variant[0], variant[2])
+    return variant[0], metrics
+
+
 def _time_interleaved(variants: dict[str, list[Any]], steps: int,
                       warmup: int) -> dict[str, dict[str, float]]:
-    """Times ``[state, step, batch]`` variants, interleaved; each step's state is kept."""
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    """Times ``[state, step, batch]`` variants with ``bnjax.benchmark.median_times``.
 
-    def step(name: str) -> float:
-        v = variants[name]
-        t0 = time.perf_counter()
-        v[0], m = v[1](v[0], v[2])
-        jax.block_until_ready((v[0], m))
-        return time.perf_counter() - t0
-
-    for name in variants:  # compile
-        step(name)
-    for _ in range(warmup):
-        for name in variants:
-            step(name)
-    order = list(variants)
-    for i in range(steps):
-        k = i % len(order)
-        for name in order[k:] + order[:k]:
-            times[name].append(step(name))
-    return {k: quantiles(v) for k, v in times.items()}
+    Interleaved, median after warm-up (one more untimed step first: the compilation); each
+    step's state is kept, as in training.
+    """
+    calls = {name: functools.partial(_advance, v) for name, v in variants.items()}
+    return median_times(calls, reps=steps, warmup=warmup + 1)
 
 
 def _data(per_device: int, length: int, seed: int) -> dict[str, np.ndarray]:
@@ -159,7 +152,7 @@ def run_parallel(*, per_device: int = 16, length: int = 40, steps: int = 30, war
 
     Returns:
       The figures as a dict; ``results`` maps each of :data:`PARALLEL_VARIANTS` to its
-      quantiles, ``ratio_to_pmap_sync`` to its median over the synchronized pmap step's.
+      timing summary, ``ratio_to_pmap_sync`` to its median over the synchronized pmap step's.
 
     Example:
       >>> r = run_parallel(per_device=2, steps=1, warmup=0)  # doctest: +SKIP

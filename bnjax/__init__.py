@@ -42,6 +42,12 @@ from bnjax.parallel import (
     validate_data_parallel,
 )
 from bnjax.steps import TrainState, make_eval_step, make_train_step
+from bnjax.swap import (
+    SwapReport,
+    replace_nnx_batch_norm,
+    replacing_flax_batch_norm,
+    without_flax_batch_norm,
+)
 
 __version__ = "0.1.0"
 
@@ -51,6 +57,7 @@ __all__ = [
     "FoldedModel",
     "MCBNPrediction",
     "Moments",
+    "SwapReport",
     "TrainState",
     "__version__",
     "batch_norm",
@@ -70,12 +77,15 @@ __all__ = [
     "put_batch",
     "put_replicated",
     "renorm_schedule",
+    "replace_nnx_batch_norm",
+    "replacing_flax_batch_norm",
     "replicate",
     "resolve_training",
     "shard_batch",
     "unreplicate",
     "update_moving_stats",
     "validate_data_parallel",
+    "without_flax_batch_norm",
 ]
 
 

@@ -1,8 +1,9 @@
 """Timing and reporting a step: interleaved medians, peak memory, provenance, JSON, tables.
 
 These are the pieces every bnjax timing shares, in the wheel so that a user can time their own
-model the way the repository's benchmarks time theirs. Nothing here imports JAX at module level
-(a caller may still have to set ``XLA_FLAGS`` before JAX starts).
+model the way the repository's benchmarks time theirs (:func:`bnjax.timing.compare` and
+``bnjax-bench`` are built on them). Nothing here imports JAX at module level (a caller may
+still have to set ``XLA_FLAGS`` before JAX starts).
 
 Example:
   >>> t = median_times({"a": lambda: 1}, reps=3, warmup=0)
@@ -35,8 +36,10 @@ __all__ = [
     "environment",
     "fmt",
     "git_commit",
+    "init_variables",
     "markdown_table",
     "median_times",
+    "model_table",
     "peak_memory",
     "quantiles",
     "write_json",
@@ -289,3 +292,70 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def model_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The markdown table of ``bnjax.timing.compare``'s rows (``python -m benchmarks step``'s).
+
+    Example:
+      >>> row = {"model": "net", "step": "train", "batch": 8, "dtype": "float32",
+      ...        "variant": "flax BN", "median_ms": 2.0, "ratio_to_flax": 1.0,
+      ...        "bn_cost_pct": 25.0, "peak_bytes": 2**20, "available": True}
+      >>> print(model_table([row]).splitlines()[-1])
+      | net train, batch 8, float32 | flax BN | 2 | 1 | +25 % | 1 |
+    """
+    table = []
+    for r in rows:
+        name = f"{r['model']} {r['step']}, batch {r['batch']}, {r.get('dtype', 'float32')}"
+        cost = r.get("bn_cost_pct")
+        cost = "-" if cost is None else f"{cost:+.0f} %"
+        if r["available"]:
+            peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+            table.append([name, r["variant"], r["median_ms"], r["ratio_to_flax"], cost, peak])
+        else:
+            table.append([name, r["variant"], r["note"], "-", "-", "-"])
+    return ("Model level (median ms of the jitted step; train = forward, backward and update):"
+            "\n\n" + markdown_table(["step", "normalization", "ms", "ratio to flax BN",
+                                      "BN cost over no norm", "peak MiB"], table))
+
+
+def init_variables(model: Any, x: Any, *, mode: str | None = "training") -> Any:
+    """He-normal kernels, unit scales and variances, zero biases and means.
+
+    ``model.init`` would compile the initializers' random-number code, op by op, which takes
+    longer than compiling the train step; values drawn with NumPy into the shapes that
+    ``jax.eval_shape`` reports serve the timing as well, identically for every variant.
+
+    Args:
+      model: a Flax module called as ``model.apply(variables, x, **{mode: False})``.
+      x: an example input (only its shape and dtype are used).
+      mode: the keyword of the model's call that switches training on (None: no keyword).
+
+    Example:
+      >>> import flax.linen as nn, jax.numpy as jnp
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, training):
+      ...         return nn.Dense(3)(x)
+      >>> v = init_variables(Net(), jnp.ones((2, 4)))
+      >>> v["params"]["Dense_0"]["kernel"].shape, float(v["params"]["Dense_0"]["bias"].sum())
+      ((4, 3), 0.0)
+    """
+    import jax
+    import jax.numpy as jnp
+
+    kwargs = {} if mode is None else {mode: False}
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, **kwargs))
+    rng = np.random.default_rng(0)
+
+    def fill(path: Any, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        name = getattr(path[-1], "key", str(path[-1]))
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in), leaf.dtype)
+        if name in ("scale", "var"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+

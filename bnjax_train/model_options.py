@@ -68,7 +68,8 @@ def _norm_layer_options(norm: str) -> set[str]:
     """The attributes the layer of ``norm`` accepts in ``norm_kwargs[norm]``."""
     if norm == "none":
         return set()
-    cls = models_lib.BatchFreeNorm if norm in ("group", "layer") else bnjax.BatchNorm
+    cls = {"group": models_lib.BatchFreeNorm, "layer": models_lib.BatchFreeNorm,
+           "flax": models_lib.FlaxBatchNorm}.get(norm, bnjax.BatchNorm)
     return set(cls.__dataclass_fields__) - {"parent", "name", "axis_name", "kind"}
 
 

@@ -31,6 +31,7 @@ Array = jax.Array
 __all__ = [
     "CNN1D",
     "MLP",
+    "FlaxBatchNorm",
     "MODELS",
     "NORMS",
     "NORM_DEFAULTS",
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`make_norm` (and by the ``norm`` config field).
-NORMS: tuple[str, ...] = ("batch", "renorm", "ghost", "group", "layer", "none")
+NORMS: tuple[str, ...] = ("batch", "renorm", "ghost", "group", "layer", "none", "flax")
 
 #: Defaults of the variant norms (the models' ``norm_kwargs`` override them).
 NORM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -98,6 +99,33 @@ class BatchFreeNorm(nn.Module):
                             scale_init=self.scale_init, bias_init=self.bias_init)(x)
 
 
+class FlaxBatchNorm(nn.BatchNorm):
+    """``flax.linen.BatchNorm`` itself, called like the zoo's other norms: ``norm(x, training=t)``.
+
+    ``make_norm("flax")``: Flax's layer with Keras' momentum and epsilon (0.99, 1e-3), as the
+    zoo's bnjax layers have them. The baseline of the benchmarks, and a model for
+    ``bnjax.replacing_flax_batch_norm`` to swap (it replaces the ``super().__call__``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> layer = FlaxBatchNorm()
+      >>> x = jnp.array([[0.0], [2.0]])
+      >>> v = layer.init(jax.random.key(0), x, training=False)
+      >>> y, upd = layer.apply(v, x, training=True, mutable=["batch_stats"])
+      >>> [round(float(a), 4) for a in y.ravel()], round(float(upd["batch_stats"]["mean"][0]), 4)
+      ([-0.9995, 0.9995], 0.01)
+    """
+
+    epsilon: float = 1e-3
+
+    def __call__(self, x: Array, use_running_average: bool | None = None, *,
+                 training: bool | None = None, mask: Array | None = None) -> Array:
+        """Flax's call; ``training=True`` is ``use_running_average=False``."""
+        if training is not None:
+            use_running_average = not training
+        return super().__call__(x, use_running_average, mask=mask)
+
+
 class Identity(nn.Module):
     """A norm that does nothing: ``make_norm("none")``; accepts and ignores ``training``.
 
@@ -123,7 +151,8 @@ def make_norm(norm: str, *, axis_name: str | None = None, **kw: Any) -> nn.Modul
       norm: one of ``NORMS``: ``"batch"`` (``bnjax.BatchNorm``), ``"renorm"`` (batch
         renormalization with a clipping ramp), ``"ghost"`` (ghost batches of 16 examples:
         the per-device batch must be a multiple), ``"group"`` / ``"layer"``
-        (:class:`BatchFreeNorm`, no batch statistics at all) or ``"none"`` (identity). The
+        (:class:`BatchFreeNorm`, no batch statistics at all), ``"none"`` (identity) or
+        ``"flax"`` (:class:`FlaxBatchNorm`, Flax's own layer, the benchmarks' baseline). The
         variants start from ``NORM_DEFAULTS``; ``kw`` overrides them.
       axis_name: mapped axis for synchronized statistics (the batch norms under ``pmap``;
         ignored by group and layer norm, which need none).
@@ -151,6 +180,8 @@ def make_norm(norm: str, *, axis_name: str | None = None, **kw: Any) -> nn.Modul
         return BatchFreeNorm(kind=norm, **{**NORM_DEFAULTS[norm], **kw})
     if norm == "none":
         return Identity(name=kw.get("name"))
+    if norm == "flax":
+        return FlaxBatchNorm(axis_name=axis_name, **kw)
     raise ValueError(f"norm={norm!r} is not a known normalization; accepted: {list(NORMS)}.")
 
 

@@ -31,7 +31,8 @@ def _modules_after(code, cwd):
 
 
 def test_import_bnjax_loads_no_program_dependency(tmp_path):
-    loaded = _modules_after("import bnjax, bnjax.nnx", tmp_path)
+    loaded = _modules_after("import bnjax, bnjax.nnx, bnjax.swap, bnjax.timing, bnjax.benchmark",
+                            tmp_path)
     assert "bnjax" in loaded
     assert not loaded & set(PROGRAM_ONLY), sorted(loaded & set(PROGRAM_ONLY))
     # Flax and optax import absl themselves; bnjax may bring nothing beyond them.

@@ -24,6 +24,12 @@ def test_the_benchmarks_page_has_rendered_tables():
             ("benchmarks/results/sync_bench.json", "sync")} <= tables
 
 
+def test_the_try_page_renders_the_timing_of_a_real_model():
+    page = REPO / "docs" / "try.md"
+    assert ("benchmarks/results/resnet20_bench.json", "model") in {
+        (m["path"], m["table"]) for p, m in REGIONS if p == page}
+
+
 @pytest.mark.parametrize("page,match", REGIONS,
                          ids=[f"{p.relative_to(REPO)}:{m['path']}:{m['table']}"
                               for p, m in REGIONS])

@@ -504,7 +504,7 @@ def test_zoo_norm_choices_and_batch_dependence():
 
     from bnjax_train import models
 
-    assert set(models.NORMS) == {"batch", "renorm", "ghost", "group", "layer", "none"}
+    assert set(models.NORMS) == {"batch", "renorm", "ghost", "group", "layer", "none", "flax"}
     rng = np.random.default_rng(12)
     x = jnp.asarray(rng.normal(size=(4, 10)), jnp.float32)
     x2 = x.at[2:].set(x[2:] * 5.0 + 3.0)  # change the last two examples only
@@ -520,7 +520,7 @@ def test_zoo_norm_choices_and_batch_dependence():
         # The first two examples see the others only through batch statistics.
         assert same == (norm in ("ghost", "group", "layer", "none")), norm
         has_stats = "batch_stats" in variables
-        assert has_stats == (norm in ("batch", "renorm", "ghost")), norm
+        assert has_stats == (norm in ("batch", "renorm", "ghost", "flax")), norm
         if norm == "renorm":
             assert "renorm_step" in variables["batch_stats"]["BatchNorm_0"]
 

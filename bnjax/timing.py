@@ -1,0 +1,370 @@
+"""Time your own model on bnjax: :func:`compare` and the ``bnjax-bench`` command.
+
+:func:`compare` takes a ``flax.linen`` model written for ``flax.linen.BatchNorm`` and a batch,
+and times its jitted train step (forward, backward and an optax update, via
+``bnjax.make_train_step``) and eval step (``bnjax.make_eval_step``) three ways: with Flax's
+layers as written, with bnjax's (``bnjax.replacing_flax_batch_norm``) and with no norm
+(``bnjax.without_flax_batch_norm``); in float32 and with bfloat16 compute (float32 master
+parameters and moving statistics, the forward and backward in bfloat16). The variants of one
+step are interleaved, each figure the median of ``reps`` runs after ``warmup``, with the peak
+memory of the compiled step where the backend reports it.
+
+``bnjax-bench --model package.module:factory`` does the same from the command line: it prints
+the table and writes a JSON with the device, library versions and the command (:func:`main`).
+The repository's ``python -m benchmarks step`` times its model table with :func:`compare`.
+
+Example:
+  >>> NORMS, DTYPES
+  (('bnjax BN', 'flax BN', 'no norm'), ('float32', 'bfloat16'))
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bnjax.benchmark import init_variables, median_times, peak_memory
+
+__all__ = ["DTYPES", "NORMS", "compare", "main"]
+
+
+
+#: The normalization variants of :func:`compare`, in print order.
+NORMS: tuple[str, ...] = ("bnjax BN", "flax BN", "no norm")
+#: The compute dtypes of :func:`compare` (bfloat16: float32 master parameters and statistics).
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+_MODES = ("train", "training", "is_training")
+_STEPS = ("train", "eval")
+
+
+def _mode_of(model: Any, mode: str | None) -> str:
+    """The keyword of ``model``'s call that switches training on (given, or found by name)."""
+    if mode is not None:
+        if not isinstance(mode, str) or not mode.isidentifier():
+            raise ValueError(f"mode={mode!r} must name the keyword argument of the model's call "
+                             "that switches training on, e.g. 'train' or 'training'.")
+        return mode
+    import inspect
+
+    params = inspect.signature(type(model).__call__).parameters
+    for name in _MODES:
+        if name in params:
+            return name
+    raise ValueError(f"mode=None: {type(model).__name__}.__call__ takes none of {list(_MODES)} "
+                     f"(its parameters: {list(params)}); pass mode='<the keyword that switches "
+                     "training on>'.")
+
+
+def _compute_in(dtype: Any, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``apply_fn`` with its float parameters and input cast to ``dtype`` (mixed precision).
+
+    The moving statistics stay float32; the logits come back in float32 for the loss.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    if jnp.dtype(dtype) == jnp.float32:
+        return apply_fn
+
+    def cast(tree: Any) -> Any:
+        return jax.tree.map(lambda a: a.astype(dtype) if a.dtype == jnp.float32 else a, tree)
+
+    def apply(variables: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        variables = {**variables, "params": cast(variables["params"])}
+        out = apply_fn(variables, x.astype(dtype), *args, **kwargs)
+        if isinstance(out, tuple):
+            return (out[0].astype(jnp.float32), *out[1:])
+        return out.astype(jnp.float32)
+
+    return apply
+
+
+def _peak_bytes(compiled: Any) -> int | None:
+    """:func:`peak_memory`'s peak, or None where the backend reports no memory analysis."""
+    try:
+        return peak_memory(compiled)["peak_bytes"]
+    except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+        return None
+
+
+def _build(model: Any, batch: Mapping[str, Any], norm: str, dtype: str, mode: str, tx: Any,
+           steps: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    """The train state and the compiled steps of ``model`` with one normalization variant."""
+    import contextlib
+
+    from bnjax.steps import TrainState, make_eval_step, make_train_step
+    from bnjax.swap import SwapReport, replacing_flax_batch_norm, without_flax_batch_norm
+
+    swap = {"bnjax BN": replacing_flax_batch_norm, "no norm": without_flax_batch_norm}.get(
+        norm, lambda: contextlib.nullcontext(SwapReport()))
+    with swap() as report:
+        variables = init_variables(model, batch["x"], mode=mode)
+
+        def apply(v: Any, x: Any, training: bool, **kw: Any) -> Any:
+            return model.apply(v, x, **{mode: training}, **kw)
+
+        state = TrainState.create(apply_fn=_compute_in(dtype, apply),
+                                  params=variables.get("params", {}),
+                                  batch_stats=variables.get("batch_stats", {}), tx=tx)
+        makers = {"train": make_train_step, "eval": make_eval_step}
+        compiled = {s: makers[s]().lower(state, batch).compile() for s in steps}
+    if norm != "flax BN" and report.count == 0:
+        raise ValueError(f"model {type(model).__name__} calls no flax.linen.BatchNorm, so there "
+                         "is nothing to swap: compare times a model written for Flax's layer.")
+    return state, compiled
+
+
+def _rows(label: str, n: int, dtype: str, step: str, times: Mapping[str, Any],
+          peaks: Mapping[str, int | None]) -> list[dict[str, Any]]:
+    flax = times.get("flax BN", {}).get("median_ms")
+    none = times.get("no norm", {}).get("median_ms")
+    return [{"model": label, "batch": n, "dtype": dtype, "step": step, "variant": v, **t,
+             "ratio_to_flax": t["median_ms"] / flax if flax else None,
+             "bn_cost_pct": None if v == "no norm" or not none else
+             100.0 * (t["median_ms"] - none) / none,
+             "peak_bytes": peaks[v], "available": True, "note": ""} for v, t in times.items()]
+
+
+def _check_choice(name: str, value: Sequence[str], accepted: Sequence[str]) -> None:
+    if isinstance(value, str) or not value or not set(value) <= set(accepted):
+        raise ValueError(f"{name}={value!r} must be a non-empty sequence of {list(accepted)}.")
+
+
+def compare(
+    model: Any,
+    batch: Mapping[str, Any],
+    *,
+    name: str | None = None,
+    mode: str | None = None,
+    tx: Any = None,
+    norms: Sequence[str] = NORMS,
+    dtypes: Sequence[str] = DTYPES,
+    steps: Sequence[str] = _STEPS,
+    reps: int = 20,
+    warmup: int = 2,
+    extra_eval: Mapping[str, tuple[Callable[[], Any], Any]] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Times ``model``'s train and eval steps with Flax's batch norm, bnjax's and none.
+
+    The model is built once; the variants are the swaps of its ``flax.linen.BatchNorm``
+    layers. Its variables are drawn with NumPy (:func:`bnjax.benchmark.init_variables`); the
+    train step is ``bnjax.make_train_step()`` (mean softmax cross-entropy of ``batch["y"]``,
+    gradients, ``tx``'s update, the non-finite guard), the eval step ``bnjax.make_eval_step()``.
+
+    Args:
+      model: a ``flax.linen`` module returning logits, called as
+        ``model.apply(variables, x, **{mode: training})``.
+      batch: ``{"x": input, "y": integer labels}`` (NumPy or JAX arrays).
+      name: the model's name in the rows (default its class name).
+      mode: the keyword of the model's call that switches training on (default: ``train``,
+        ``training`` or ``is_training``, whichever its ``__call__`` has).
+      tx: the optax optimizer (default SGD with momentum 0.9, learning rate 0.1).
+      norms: the variants to time, of :data:`NORMS`.
+      dtypes: the compute dtypes, of :data:`DTYPES`.
+      steps: ``"train"`` and/or ``"eval"``.
+      reps: timed rounds; every figure is the median over them.
+      warmup: untimed calls of each step first.
+      extra_eval: more variants of the float32 eval step, timed interleaved with it:
+        name -> (zero-argument call, its compiled function for the peak memory, or None).
+      log: progress printer (one line per table group), or None.
+
+    Returns:
+      Rows ``{"model", "batch", "dtype", "step", "variant", "median_ms", "min_ms", "p25_ms",
+      "p75_ms", "max_ms", "n", "ratio_to_flax", "bn_cost_pct", "peak_bytes", "available",
+      "note"}``: ``ratio_to_flax`` over the flax BN row of the same step and dtype,
+      ``bn_cost_pct`` the extra time over the no-norm row in percent;
+      :func:`bnjax.benchmark.model_table` prints them.
+
+    Raises:
+      ValueError: a bad argument (named), or a model that calls no ``flax.linen.BatchNorm``.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train):
+      ...         x = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+      ...         return nn.Dense(3)(nn.relu(x))
+      >>> batch = {"x": np.ones((16, 4), np.float32), "y": np.arange(16) % 3}
+      >>> rows = compare(Net(), batch, dtypes=["float32"], steps=["train"], reps=2, warmup=1)
+      >>> [(r["variant"], r["n"], r["ratio_to_flax"] > 0) for r in rows]
+      [('bnjax BN', 2, True), ('flax BN', 2, True), ('no norm', 2, True)]
+    """
+    import jax
+    import optax
+
+    if not isinstance(batch, Mapping) or not {"x", "y"} <= set(batch):
+        raise ValueError("batch must be a mapping with 'x' (the model's input) and 'y' (integer "
+                         f"labels); got {type(batch).__name__} "
+                         f"{sorted(batch) if isinstance(batch, Mapping) else ''}".rstrip() + ".")
+    _check_choice("norms", norms, NORMS)
+    _check_choice("dtypes", dtypes, DTYPES)
+    _check_choice("steps", steps, _STEPS)
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps={reps!r} must be an integer >= 1.")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup={warmup!r} must be an integer >= 0.")
+    mode = _mode_of(model, mode)
+    tx = optax.sgd(0.1, momentum=0.9) if tx is None else tx
+    batch = jax.device_put(dict(batch))
+    label, n, rows = name or type(model).__name__, int(np.shape(batch["x"])[0]), []
+    for dtype in dtypes:
+        built = {v: _build(model, batch, v, dtype, mode, tx, steps) for v in norms}
+        for step in steps:
+            calls = {v: functools.partial(c[step], s, batch) for v, (s, c) in built.items()}
+            peaks = {v: _peak_bytes(c[step]) for v, (_, c) in built.items()}
+            if step == "eval" and dtype == "float32":
+                for v, (fn, compiled) in (extra_eval or {}).items():
+                    calls[v], peaks[v] = fn, None if compiled is None else _peak_bytes(compiled)
+            times = median_times(calls, reps=reps, warmup=warmup)
+            rows += _rows(label, n, dtype, step, times, peaks)
+            if log is not None:
+                log(f"  {label} {step} ({dtype}): " + ", ".join(
+                    f"{v} {t['median_ms']:.1f} ms" for v, t in times.items()))
+    return rows
+
+
+def _factory_model(spec: str, kwargs: Mapping[str, Any]) -> tuple[Any, str]:
+    """Calls ``package.module:factory`` (imported from the working directory) with ``kwargs``."""
+    import importlib
+    import os
+    import sys
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model={spec!r} must be package.module:factory, e.g. "
+                         "bnjax_train.models:ResNet20.")
+    if os.getcwd() not in sys.path:  # as `python -m` finds the working directory's packages
+        sys.path.insert(0, os.getcwd())
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    model = obj(**kwargs)
+    import flax.linen as nn
+
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model={spec!r} returned a {type(model).__name__}; it must return "
+                         "a flax.linen Module.")
+    return model, attr.split(".")[-1]
+
+
+def _value(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _kwargs(pairs: Sequence[str]) -> dict[str, Any]:
+    bad = [kv for kv in pairs if "=" not in kv or not kv.split("=", 1)[0].isidentifier()]
+    if bad:
+        raise ValueError(f"--kwarg {bad[0]!r} must be KEY=VALUE, e.g. norm=flax.")
+    return {k: _value(v) for k, v in (kv.split("=", 1) for kv in pairs)}
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise ValueError(f"--input-shape={text!r} must be positive integers separated by "
+                         "commas, e.g. 32,32,3.")
+    return shape
+
+
+def _parser() -> Any:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="bnjax-bench",
+        description="Time a Flax model's train and eval steps with its flax.linen.BatchNorm "
+                    "layers, with bnjax's and with none (float32, bfloat16); print the table "
+                    "and write the JSON.")
+    p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                   help="a callable returning the linen model, imported from the working "
+                        "directory (e.g. bnjax_train.models:ResNet20)")
+    p.add_argument("--kwarg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword argument of the factory (VALUE read as JSON, else as a "
+                        "string); repeatable")
+    p.add_argument("--input-shape", required=True, metavar="D1,D2,...",
+                   help="the shape of one example, e.g. 32,32,3")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-classes", type=int, default=10, help="labels are drawn below it")
+    p.add_argument("--mode", default=None, help="the keyword of the model's call that "
+                   "switches training on (default: train, training or is_training)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated compute dtypes")
+    p.add_argument("--steps", default=",".join(_STEPS), help="comma-separated: train, eval")
+    p.add_argument("--reps", type=int, default=20, help="timed runs per figure (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    p.add_argument("--out", default="bnjax_bench.json", metavar="FILE", help="the JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``bnjax-bench``: times a model of yours, prints the table, writes the JSON.
+
+    The JSON holds the rows of :func:`compare` under ``"model"`` and, under ``"meta"``, the
+    command, the working directory's git commit, the settings, the seconds it took and the
+    environment (:func:`bnjax.benchmark.environment`: device, versions, load average).
+
+    Args:
+      argv: command-line arguments (default ``sys.argv[1:]``), e.g. ``["--model",
+        "bnjax_train.models:ResNet20", "--kwarg", "norm=flax", "--input-shape", "32,32,3"]``.
+
+    Returns:
+      The exit status (0).
+
+    Example:
+      >>> main(["--help"])  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      SystemExit: 0
+    """
+    import datetime
+    import shlex
+    import sys
+    import time
+
+    from bnjax.benchmark import environment, git_commit, model_table, write_json
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S%z")
+    env = environment()  # the load at the start (write_json records it at the end)
+    t0 = time.perf_counter()
+    try:
+        kwargs, shape = _kwargs(args.kwarg), _shape(args.input_shape)
+        model, label = _factory_model(args.model, kwargs)
+        rng = np.random.default_rng(0)
+        batch = {"x": rng.normal(size=(args.batch_size, *shape)).astype(np.float32),
+                 "y": rng.integers(0, args.num_classes, size=args.batch_size)}
+        rows = compare(model, batch, name=label, mode=args.mode, reps=args.reps,
+                       warmup=args.warmup, dtypes=args.dtypes.split(","),
+                       steps=args.steps.split(","),
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ValueError as e:
+        parser.error(str(e))
+    git = git_commit()
+    meta = {"benchmark": "compare", "command": shlex.join(["bnjax-bench", *argv]),
+            "git_commit": git["commit"], "git_dirty": git["dirty"], "started": started,
+            "model": args.model, "kwargs": kwargs, "input_shape": list(shape),
+            "reps": args.reps, "warmup": args.warmup,
+            "seconds": round(time.perf_counter() - t0, 1), "environment": env}
+    print(model_table(rows))
+    print(f"\n{env['device']}; jax {env['jax']}, flax {env['flax']}, bnjax {env['bnjax']}; "
+          f"load average {'/'.join(map(str, env['load_average']))}; median of {args.reps} "
+          f"interleaved runs after {args.warmup} warm-up runs; {meta['seconds']} s.")
+    write_json({"meta": meta, "model": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":  # python -m bnjax.timing, the same as bnjax-bench
+    raise SystemExit(main())
