@@ -14,6 +14,9 @@ import pytest
 from caches import fast_compile_env
 from processes import one_device_env
 
+# End-to-end runs of the program: `python -m pytest -m slow` (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DONE = "=== command done ==="
 #: Runs each argument list of ``argv[1]`` (JSON) as ``python -m benchmarks`` would.

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from caches import fast_compile_env
 
 from benchmarks import report
@@ -19,6 +20,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_dry_run_goes_through_every_step(tmp_path):
     out = tmp_path / "gpu_check.json"
     # PYTHON: this interpreter, whether or not its environment is activated (on PATH).

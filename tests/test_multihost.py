@@ -20,6 +20,9 @@ import pytest
 from bn_reference import init_variables, make_data, ref_train_step
 from processes import free_port, run_processes, xla_flags
 
+# End-to-end runs of the program: `python -m pytest -m slow` (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 90
 

@@ -251,6 +251,7 @@ EXPECT = {"learning_rate": _expect_learning_rate, "placement": _expect_configs,
           "regularization": _expect_regularization}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STUDIES)
 def test_quick_study_writes_json_png_and_markdown(quick, name):
     out, stdout = quick
@@ -271,6 +272,7 @@ def test_quick_study_writes_json_png_and_markdown(quick, name):
     EXPECT[name](data, header, rows)
 
 
+@pytest.mark.slow
 def test_quick_runs_decide_nothing(quick):
     """A quick run's tables, files and printed output carry no verdict, and say so."""
     out, stdout = quick

@@ -294,6 +294,7 @@ def _run_until(cmd, env, should_kill, timeout=120):
         proc.stderr.close()
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_resumable_workdir(tmp_path, data_dir):
     # 2 epochs x 4 steps, a checkpoint after every step: most of the run is spent saving. The
     # steps are those of the other one-device tiny runs (compiled once for the session).

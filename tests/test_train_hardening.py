@@ -34,6 +34,9 @@ from bnjax_train import (
 )
 from bnjax_train import workdir as workdir_lib
 
+# End-to-end runs of the program: `python -m pytest -m slow` (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60
 

@@ -23,6 +23,9 @@ from bnjax_train import config_lib, input_pipeline, train
 from bnjax_train import models as models_lib
 from bnjax_train.parallelism import Placement
 
+# End-to-end runs of the program: `python -m pytest -m slow` (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ["mesh", "shard_map", "pmap"]
 RTOL = 1e-4

@@ -29,6 +29,9 @@ from test_train_hardening import (
 
 from bnjax_train import loop_state, run_files
 
+# End-to-end runs of the program: `python -m pytest -m slow` (see pyproject.toml).
+pytestmark = pytest.mark.slow
+
 # The fixtures of test_train_hardening.py (MNIST-1D cache, environment, the reference run and
 # the run stopped after step 6), computed again for this module.
 data_dir, env, reference, stopped = (hardening.data_dir, hardening.env, hardening.reference,
