@@ -160,11 +160,9 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
 def apart(operands: Any) -> tuple[Any, Any]:
     """Two copies of ``operands`` that XLA:CPU cannot merge; the operands twice elsewhere.
 
-    An elementwise value used by two fusions (a reduction and an elementwise pass, say) is
-    written out by XLA:CPU as a full-size temporary for both to read, which costs more than
-    computing it twice; computing each use from its own copy (an ``optimization_barrier``,
-    which moves no data) keeps each fused with its own work. GPU and TPU compilers fuse
-    such values on their own, and get the operands as they are.
+    XLA:CPU writes an elementwise value used by two fusions out as a full-size temporary,
+    which costs more than computing it twice; each use computed from its own copy (an
+    ``optimization_barrier``, which moves no data) stays fused with its own work.
 
     Example:
       >>> a, b = apart(jnp.ones(2))
