@@ -85,12 +85,13 @@ def _jvp(axes, epsilon, axis_name, groups, out_dtype, primals, tangents):
     batch statistics are ``dmean = sum(dx) / n`` and ``dvar = 2 sum(xc dx) / n`` (sums over
     the whole, global batch: one ``psum`` of both), and ``dy = g r (dx - dmean) + xc (g dr +
     dg r) + db`` with ``dr = -r^3 dvar / 2``. JAX transposes this map into the backward pass,
-    ``dx = g r dy - (g r sum(dy) + xc g r^3 sum(dy xc) / ... ) / n``: two per-feature sums
-    and one elementwise pass. The map is under ``jax.checkpoint``, so that reverse mode keeps
-    only its inputs (``x`` and per-feature values) and recomputes ``xc`` in the backward: no
-    full-size intermediate is stored. With a mask, the sums run over valid positions only and
-    the tangent (so the gradient) at masked-out positions is zero; ``xc`` is selected to 0
-    there, so that a NaN or Inf there never meets a zero cotangent.
+    ``dx = g r (dy - (sum(dy) + xhat sum(dy xhat)) / n)`` with ``xhat = xc r`` (plus the
+    terms from cotangents of the statistics): two per-feature sums and one elementwise pass.
+    The map is under ``jax.checkpoint``, so that reverse mode keeps only its inputs (``x`` and
+    per-feature values) and recomputes ``xc`` in the backward: no full-size intermediate is
+    stored. With a mask, the sums run over valid positions only and the tangent (so the
+    gradient) at masked-out positions is zero; ``xc`` is selected to 0 there, so that a NaN
+    or Inf there never meets a zero cotangent.
     """
     x, scale, bias, mask = primals
     dx, dscale, dbias, _ = tangents

@@ -46,7 +46,6 @@ __all__ = [
     "stat_dtype",
     "sums_of",
     "to_input_shape",
-    "value_count",
     "vma",
 ]
 
@@ -80,19 +79,6 @@ def to_input_shape(v: Array, ndim: int, axes: tuple[int, ...]) -> Array:
     for a, n in zip(axes, v.shape, strict=True):
         shape[a] = n
     return v.reshape(shape)
-
-
-def value_count(shape: Sequence[Any], red: tuple[int, ...]) -> Any:
-    """The number of values per feature, ``prod(shape[i] for i in red)``.
-
-    A Python int for a concrete shape; a symbolic dimension (``jax.export`` with a symbolic
-    batch) gives a symbolic count, which JAX turns into a value where it is used.
-
-    Example:
-      >>> value_count((4, 3, 2), (0, 1))
-      12
-    """
-    return math.prod(shape[i] for i in red)
 
 
 def _first_valid(x: Array, mask: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
@@ -140,7 +126,7 @@ def local_sums(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
     dt = stat_dtype(x.dtype)
     red = tuple(i for i in range(x.ndim) if i not in axes)
     if mask is None:
-        count = jnp.full([x.shape[a] for a in axes], value_count(x.shape, red), dt)
+        count = jnp.full([x.shape[a] for a in axes], math.prod(x.shape[i] for i in red), dt)
         shift, s1, s2 = lax.platform_dependent(
             x, cpu=functools.partial(_cpu_sums, red=red, axes=axes, dt=dt),
             default=functools.partial(_shifted_sums, red=red, axes=axes, dt=dt))
@@ -185,11 +171,14 @@ def barrier(operands: Any) -> Any:
       [1.0]
     """
     leaves, tree = jax.tree.flatten(operands)
-    varying = tuple(sorted(frozenset().union(*(vma(v) for v in leaves)), key=str))
+    varying = frozenset().union(*(vma(v) for v in leaves))
+
+    def vary(v: Array) -> Array:
+        missing = tuple(sorted(varying - vma(v), key=str))
+        return lax.pcast(v, missing, to="varying") if missing else v
 
     def same(*ops: Array) -> tuple[Array, ...]:
-        return tuple(lax.pcast(v, tuple(n for n in varying if n not in vma(v)), to="varying")
-                     if set(varying) - vma(v) else v for v in ops)
+        return tuple(map(vary, ops))
 
     out = lax.platform_dependent(*leaves, cpu=lambda *o: lax.optimization_barrier(o),
                                  default=same)
@@ -265,7 +254,7 @@ def _cpu_sums(x: Array, *, red: tuple[int, ...], axes: tuple[int, ...],
         return x.astype(dt)
 
     s1, s2 = sums_of(cast, lambda x: jnp.square(cast(x)), (x,), red)
-    n = value_count(x.shape, red)
+    n = math.prod(x.shape[i] for i in red)
     mean = s1 / n
     spread = s2 / n - mean * mean
     # One compare and one reduction; NaN and overflow fail it too.

@@ -12,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import numpy as np
+from flax import nnx
 
 Path = tuple[str, ...]
 
@@ -64,8 +65,6 @@ def check_linen_model(model: Any, fn: str) -> None:
       ...
       TypeError: fold_batch_norm takes a flax.linen model; Linear is a flax.nnx.Module. ...
     """
-    from flax import nnx
-
     name = type(model).__name__
     if isinstance(model, nnx.Module):
         raise TypeError(
