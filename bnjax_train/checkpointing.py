@@ -291,22 +291,17 @@ def _quiet_closed_loop_reads() -> None:
     def closed_loop(error: BaseException | None) -> bool:
         return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
-    previous = sys.unraisablehook
-    if not getattr(previous, "bnjax_quiet", False):
-        def hook(unraisable: Any) -> None:
-            if not closed_loop(unraisable.exc_value):
-                previous(unraisable)
+    for module, name in ((sys, "unraisablehook"), (threading, "excepthook")):
+        previous = getattr(module, name)
+        if getattr(previous, "bnjax_quiet", False):
+            continue
+
+        def hook(info: Any, previous: Any = previous) -> None:
+            if not closed_loop(info.exc_value):
+                previous(info)
 
         hook.bnjax_quiet = True  # type: ignore[attr-defined]
-        sys.unraisablehook = hook
-    previous_thread = threading.excepthook
-    if not getattr(previous_thread, "bnjax_quiet", False):
-        def thread_hook(args: Any) -> None:
-            if not closed_loop(args.exc_value):
-                previous_thread(args)
-
-        thread_hook.bnjax_quiet = True  # type: ignore[attr-defined]
-        threading.excepthook = thread_hook
+        setattr(module, name, hook)
 
 
 def _one_line(error: BaseException) -> str:
