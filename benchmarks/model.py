@@ -45,21 +45,17 @@ def _zoo(name: str, batch: int, blocks: int) -> tuple[Any, dict[str, np.ndarray]
     return models.create_model(name, num_classes=10, norm="flax", **kw), data
 
 
-def _folded(model: Any, batch: dict[str, np.ndarray]) -> tuple[dict[str, Any], str]:
-    """The compiled eval step of ``model`` with its batch norms folded, or ({}, why not)."""
-    fold = getattr(bnjax, "fold_batch_norm", None)
-    if fold is None:
-        return {}, "not available: bnjax.fold_batch_norm has not landed"
-    try:
-        folded, fv = fold(model, init_variables(model, batch["x"]), batch["x"])
-        state = bnjax.TrainState.create(
-            apply_fn=lambda v, x, training: folded.apply(v, x, training=training),
-            params=fv.get("params", {}), batch_stats=fv.get("batch_stats", {}),
-            tx=optax.sgd(0.1))
-        step = bnjax.make_eval_step().lower(state, batch).compile()
-    except Exception as e:  # report, do not abort the other tables
-        return {}, f"failed: {type(e).__name__}: {e}"
-    return {"bnjax BN folded": (functools.partial(step, state, batch), step)}, ""
+def _folded(model: Any, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The compiled eval step of ``model`` with its batch norms folded, as an extra variant.
+
+    A failure raises: a results file never holds a failed row (tests/test_rendered_tables.py).
+    """
+    folded, fv = bnjax.fold_batch_norm(model, init_variables(model, batch["x"]), batch["x"])
+    state = bnjax.TrainState.create(
+        apply_fn=lambda v, x, training: folded.apply(v, x, training=training),
+        params=fv.get("params", {}), batch_stats=fv.get("batch_stats", {}), tx=optax.sgd(0.1))
+    step = bnjax.make_eval_step().lower(state, batch).compile()
+    return {"bnjax BN folded": (functools.partial(step, state, batch), step)}
 
 
 def run(
@@ -85,8 +81,7 @@ def run(
 
     Returns:
       The rows of ``bnjax.timing.compare`` (``"step"`` is ``"train"`` or ``"eval"``), the
-      folded model's eval row among them (or a row with ``available`` False and a ``note``
-      saying why it is missing).
+      folded model's eval row among them.
 
     Example:
       >>> NORMS
@@ -103,12 +98,7 @@ def run(
     if not infer:
         return rows
     model, data = _zoo("resnet20", batch, blocks_per_stage)
-    extra, why = _folded(model, data)
     rows += compare(model, data, name=label["resnet20"], mode="training", steps=("eval",),
-                    dtypes=("float32",), reps=reps, warmup=warmup, extra_eval=extra, log=log)
-    if why:
-        rows.append({"model": label["resnet20"], "batch": batch, "dtype": "float32",
-                     "step": "eval", "variant": "bnjax BN folded", "median_ms": None,
-                     "ratio_to_flax": None, "bn_cost_pct": None, "peak_bytes": None,
-                     "available": False, "note": why})
+                    dtypes=("float32",), reps=reps, warmup=warmup,
+                    extra_eval=_folded(model, data), log=log)
     return rows

@@ -110,6 +110,32 @@ def _model(data: Data) -> str:
     return model_table(data["model"])
 
 
+def _headline(data: Data) -> str:
+    """The README's few rows: bnjax against flax.linen, op level and model level.
+
+    One layer's training forward+backward at the largest shape of the op table, and each
+    model's train step.
+    """
+    largest = max((tuple(r["shape"]) for r in data["op"]), key=np.prod)  # one shape: a few rows
+    op = {(tuple(r["shape"]), r["dtype"], r["impl"]): r for r in data["op"]
+          if r["mode"] == "train_fwd_bwd" and tuple(r["shape"]) == largest}
+    rows = [[f"one layer, {_shape(shape)}, {dtype}", "train fwd+bwd", r["median_ms"],
+             op[(shape, dtype, "flax.linen")]["median_ms"], r["ratio_to_flax"], "-", "-"]
+            for (shape, dtype, impl), r in op.items() if impl == "bnjax"]
+    model = {(r["model"], r["step"], r["dtype"], r["variant"]): r for r in data["model"]
+             if r["available"]}
+    for (name, step, dtype, variant), r in model.items():
+        flax = model.get((name, step, dtype, "flax BN"))
+        if variant == "bnjax BN" and step == "train" and flax:
+            rows.append([f"{name}, batch {r['batch']}, {dtype}", "train step", r["median_ms"],
+                         flax["median_ms"], r["ratio_to_flax"],
+                         r["peak_bytes"] / 2**20, flax["peak_bytes"] / 2**20])
+    return ("bnjax against flax.linen.BatchNorm (median ms; the full tables are on the "
+            "benchmarks page):\n\n" + markdown_table(
+                ["what", "pass", "bnjax ms", "flax.linen ms", "bnjax / flax", "bnjax peak MiB",
+                 "flax peak MiB"], rows))
+
+
 def _run_time(r: Data) -> str:
     meta = r["meta"]
     start, end = (meta.get("environment") or {}).get("load_average"), meta.get("load_average_end")
@@ -235,7 +261,7 @@ def _gpu_checks(r: Data) -> str:
 
 
 TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
-    "step": {"op": _op, "memory": _memory, "model": _model},
+    "step": {"headline": _headline, "op": _op, "memory": _memory, "model": _model},
     "fold": {"fold": _fold},
     "sync": {"sync": _sync},
     "parallel": {"parallel": _parallel},

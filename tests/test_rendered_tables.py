@@ -1,7 +1,9 @@
 """Every table between `<!-- rendered: FILE TABLE -->` markers in the docs (docs/*.md and the
-README) is what `python -m benchmarks report` renders from the committed JSON today."""
+README) is what `python -m benchmarks report` renders from the committed JSON today, and no
+committed result or rendered table publishes a failure as a figure."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +96,45 @@ def test_report_command_prints_the_tables_of_a_file(tmp_path):
          "--table", "fold"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == report.render("benchmarks/results/fold_bench.json", "fold")
+
+
+RESULTS = sorted((REPO / "benchmarks" / "results").glob("*.json")) + sorted(
+    (REPO / "docs").rglob("*.json"))
+FAILED = re.compile(r"\b(failed|not available|unavailable|error)\b\s*:", re.I)
+
+
+def _failed_entries(node, where=""):
+    """Every place of a results JSON that records a failure instead of a figure."""
+    if isinstance(node, dict):
+        if node.get("available") is False:
+            yield f"{where}: available is False ({node.get('note', '')!r})"
+        for k, v in node.items():
+            yield from _failed_entries(v, f"{where}/{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _failed_entries(v, f"{where}[{i}]")
+    elif isinstance(node, str) and FAILED.search(node):
+        yield f"{where}: {node[:120]!r}"
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[str(p.relative_to(REPO)) for p in RESULTS])
+def test_no_committed_result_holds_a_failed_row(path):
+    failed = list(_failed_entries(json.loads(path.read_text())))
+    assert not failed, f"{path.relative_to(REPO)} publishes failures as results: {failed}"
+
+
+@pytest.mark.parametrize("page,match", REGIONS,
+                         ids=[f"{p.relative_to(REPO)}:{m['path']}:{m['table']}"
+                              for p, m in REGIONS])
+def test_no_rendered_table_shows_a_failed_row(page, match):
+    rows = [row for row in match["body"].splitlines() if row.startswith("|")]
+    bad = [row for row in rows if FAILED.search(row)]
+    assert not bad, f"{page.relative_to(REPO)} shows failed rows: {bad}"
+
+
+def test_the_failure_check_sees_the_row_a_failed_fold_used_to_write():
+    row = {"variant": "bnjax BN folded", "median_ms": None, "available": False,
+           "note": 'failed: ValueError: Parameter "use_running_average" must be passed'}
+    assert len(list(_failed_entries({"model": [row]}))) == 2
+    assert FAILED.search("| resnet20 eval | bnjax BN folded | failed: ValueError: ... |")
+    assert not FAILED.search("| resnet20 eval | bnjax BN folded | 41.2 | 0.46 |")
