@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bnjax._checks import check_epsilon, check_mode
 from bnjax._layer import check_layer
@@ -58,6 +61,12 @@ __all__ = [
 
 #: ``flax.linen.BatchNorm.__call__`` as Flax defined it (below Flax's method wrapper).
 _FLAX_CALL = nn.BatchNorm.__call__.__wrapped__
+_FLAX_SIGNATURE = inspect.signature(_FLAX_CALL)
+#: The active swap's settings, part of the key of jax's tracing and compilation caches: a
+#: function traced under one swap (or none) is traced again under another.
+_SWAP_KEY = jax.make_user_context(None)
+#: This thread's active swaps, innermost last (each one's identity).
+_ACTIVE = threading.local()
 _KERAS_EPSILON = 1e-3
 #: The attributes of a ``flax.nnx.BatchNorm``: its settings, then its variables.
 _NNX_SETTINGS = ("num_features", "use_running_average", "axis", "momentum", "epsilon", "dtype",
@@ -150,21 +159,85 @@ def _linen_layer(module: nn.BatchNorm, x: jax.Array, epsilon: float | None,
     return layer
 
 
+def _active() -> list[object]:
+    if not hasattr(_ACTIVE, "stack"):
+        _ACTIVE.stack = []
+    return _ACTIVE.stack
+
+
+def _flax_arguments(module: nn.BatchNorm, args: Any, kwargs: Any,
+                    where: str) -> tuple[Any, bool, Any]:
+    """``(x, use_running_average, mask)`` as Flax's call reads them; refused where Flax's is.
+
+    The arguments are bound to ``flax.linen.BatchNorm.__call__``'s signature and the mode is
+    merged with the field by Flax's own ``nn.merge_param``, so a call Flax refuses raises
+    Flax's error (with the module's path) instead of running on bnjax.
+    """
+    try:
+        bound = _FLAX_SIGNATURE.bind(module, *args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"flax.linen.BatchNorm at {where!r}: {e}; flax.linen.BatchNorm's call "
+                        "takes (x, use_running_average=None, *, mask=None).") from None
+    bound.apply_defaults()
+    a = bound.arguments
+    try:
+        mode = nn.merge_param("use_running_average", module.use_running_average,
+                              a["use_running_average"])
+    except ValueError as e:
+        raise ValueError(f"flax.linen.BatchNorm at {where!r}: {e}") from None
+    return a["x"], mode, a["mask"]
+
+
 @contextlib.contextmanager
-def _intercepting(run: Callable[..., Any]) -> Iterator[SwapReport]:
-    """Calls ``run(module, args, kwargs)`` in place of every ``flax.linen.BatchNorm`` call."""
-    report = SwapReport()
+def _intercepting(key: tuple[Any, ...], run: Callable[..., Any]) -> Iterator[SwapReport]:
+    """Calls ``run(module, x, use_running_average, mask)`` for each ``flax.linen.BatchNorm``.
+
+    Only the innermost active swap of this thread acts (an outer one passes the call on), and
+    ``key`` (the swap's settings) is part of jax's cache key while it is active.
+    """
+    report, me = SwapReport(), object()
 
     def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
         if (context.method_name != "__call__" or not isinstance(context.module, nn.BatchNorm)
-                or getattr(context.orig_method, "func", None) is not _FLAX_CALL):
+                or getattr(context.orig_method, "func", None) is not _FLAX_CALL
+                or _active()[-1] is not me):
             return next_fun(*args, **kwargs)
-        out = run(context.module, args, kwargs)
-        report._add(_where(context.module.path))
+        where = _where(context.module.path)
+        out = run(context.module, *_flax_arguments(context.module, args, kwargs, where))
+        report._add(where)
         return out
 
-    with nn.intercept_methods(interceptor):
-        yield report
+    stack = _active()
+    stack.append(me)
+    try:
+        with _SWAP_KEY(key), nn.intercept_methods(interceptor):
+            yield report
+    finally:
+        stack.remove(me)
+
+
+def _as_flax_reads(x: Any, mode: bool, mask: Any, where: str) -> tuple[Any, Any]:
+    """The input and mask as ``flax.linen.BatchNorm`` reads them.
+
+    An integer or boolean input is cast to float32 (Flax computes in
+    ``promote_types(x.dtype, float32)``); the mask is ignored with the moving statistics (as
+    Flax ignores it), else cast to bool and broadcast as NumPy broadcasts it to the input.
+    """
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        x = jnp.asarray(x, jnp.promote_types(dtype, jnp.float32))
+    if mask is None or mode:
+        return x, None
+    mask, shape = jnp.asarray(mask, bool), tuple(jnp.shape(x))
+    try:
+        ok = mask.ndim <= len(shape) and np.broadcast_shapes(mask.shape, shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"flax.linen.BatchNorm at {where!r}: mask has shape {mask.shape}, "
+                         f"which does not broadcast to the input's shape {shape}; Flax's "
+                         "layer takes a mask broadcastable to its input.")
+    return x, mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
 
 
 def replacing_flax_batch_norm(
@@ -203,11 +276,18 @@ def replacing_flax_batch_norm(
     eps = _resolve_epsilon(epsilon)
     check_mode("guard_non_finite", guard_non_finite, optional=False)
 
-    def run(module: nn.BatchNorm, args: Any, kwargs: Any) -> Any:
-        x = args[0] if args else kwargs["x"]
-        return _linen_layer(module, x, eps, guard_non_finite)(*args, **kwargs)
+    def run(module: nn.BatchNorm, x: Any, mode: bool, mask: Any) -> Any:
+        where = _where(module.path)
+        layer = _linen_layer(module, x, eps, guard_non_finite)
+        x, mask = _as_flax_reads(x, mode, mask, where)
+        try:
+            return layer(x, mode, mask=mask)
+        except (TypeError, ValueError) as e:
+            if type(e) not in (TypeError, ValueError):  # jax's own subclasses, as they are
+                raise
+            raise type(e)(f"flax.linen.BatchNorm at {where!r} cannot run on bnjax: {e}") from e
 
-    return _intercepting(run)
+    return _intercepting(("bnjax", eps, bool(guard_non_finite)), run)
 
 
 def without_flax_batch_norm() -> contextlib.AbstractContextManager[SwapReport]:
@@ -226,11 +306,10 @@ def without_flax_batch_norm() -> contextlib.AbstractContextManager[SwapReport]:
       >>> v, report.count
       ({}, 1)
     """
-    def run(module: nn.BatchNorm, args: Any, kwargs: Any) -> Any:
-        x = args[0] if args else kwargs["x"]
+    def run(module: nn.BatchNorm, x: Any, mode: bool, mask: Any) -> Any:
         return x if module.dtype is None else jnp.asarray(x, module.dtype)
 
-    return _intercepting(run)
+    return _intercepting(("identity",), run)
 
 
 def _children(node: Any) -> list[tuple[Any, Any]]:
