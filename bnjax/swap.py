@@ -12,13 +12,21 @@ in place by a ``bnjax.nnx.BatchNorm`` that holds the same variables.
 
 Both run bnjax's arithmetic (``bnjax.functional.batch_norm``) through bnjax's layers; they
 differ from the module they replace only in what bnjax always does (the exact variance,
-statistics in float32) and in the options: Keras' epsilon (1e-3) instead of the module's own,
-and the non-finite guard (on by default, as in bnjax's layers). A field bnjax cannot honour
-raises an error that names the module's path.
+statistics in float32, masked-out outputs carry no gradient in training mode) and in the
+options: Keras' epsilon (1e-3) instead of the module's own, and the non-finite guard (on by
+default, as in bnjax's layers). A linen call is read as Flax reads it: what Flax's call
+refuses raises Flax's error, an integer input is cast to float32, a mask broadcasts to the
+input. Any error raised under the swap names the module's path.
 
-Under ``jax.jit`` the swap acts while the function is traced: a function traced before (the
-jit cache hit of an earlier call outside the context) keeps Flax's layer. The report's
-``count`` says how many layers were replaced, so a swap that did not happen shows.
+Scope (linen): a swap acts in the thread that entered it, from ``with`` to its end, and the
+innermost active one decides (``without_flax_batch_norm()`` inside
+``replacing_flax_batch_norm()`` removes the layers, and the outer one decides again after
+it). Its settings are part of the key of jax's caches (``jax.make_user_context``), so a
+function jitted once is traced again where the swap differs: traced inside and called
+outside, it runs Flax's layer; traced outside and called inside, bnjax's. A
+``jax.stages.Lowered`` or ``Compiled`` object keeps what it was traced with. The report lists
+the layers met while tracing or running inside; a trace reused from an earlier swap of the
+same settings adds nothing to it.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -248,8 +256,16 @@ def replacing_flax_batch_norm(
     Each replaced call builds ``bnjax.BatchNorm`` with the module's own fields (momentum,
     epsilon, axis, dtypes, initializers, ``axis_name``, ...; ``dtype=None`` keeps Flax's
     promotion of the input with the parameters) in the module's own scope, and calls it with
-    the module's arguments (``x``, ``use_running_average``, ``mask``). Variables keep their
-    names and places, so ``init``, ``apply`` and checkpoints work unchanged.
+    the module's arguments (``x``, ``use_running_average``, ``mask``) read as Flax reads them:
+    a call Flax refuses (``use_running_average`` at construction and at call, or at neither;
+    an argument Flax's call does not take) raises Flax's error, an integer or boolean input
+    is cast to float32, a mask is cast to bool and broadcast to the input (and ignored with
+    the moving statistics, as Flax ignores it). Variables keep their names and places, so
+    ``init``, ``apply`` and checkpoints work unchanged.
+
+    The swap acts in this thread until the ``with`` ends, and only where it is the innermost
+    active swap; its settings are part of jax's cache key, so a jitted function runs what
+    the swap active at the call says (see the module docstring).
 
     Args:
       epsilon: ``"module"`` (each layer's own), ``"keras"`` (1e-3) or a number > 0 for all.
@@ -262,7 +278,10 @@ def replacing_flax_batch_norm(
 
     Raises:
       ValueError: an option is not accepted; or, when a layer is called, a field of that
-        layer bnjax cannot honour (the message names the module path).
+        layer bnjax cannot honour, a call Flax refuses, or any other error of the call
+        (the message names the module path).
+      TypeError: ``guard_non_finite`` is not a bool; or a call with arguments Flax's call
+        does not take (named with the module path).
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -294,7 +313,9 @@ def without_flax_batch_norm() -> contextlib.AbstractContextManager[SwapReport]:
     """While active, every ``flax.linen.BatchNorm`` returns its input: the no-norm ablation.
 
     The layers declare no variables (a model initialized inside has no ``batch_stats``);
-    the output is cast to a layer's ``dtype`` when it sets one.
+    the output is cast to a layer's ``dtype`` when it sets one. A call Flax refuses raises
+    Flax's error, as under :func:`replacing_flax_batch_norm`, and the scope is the same: this
+    thread, the innermost active swap, part of jax's cache key.
 
     Returns:
       A context manager giving a :class:`SwapReport` of the layers removed.
@@ -374,6 +395,11 @@ def replace_nnx_batch_norm(
     layer. The new layer takes the old one's settings (``promote_dtype`` included, so dtypes
     follow Flax) and holds the old one's ``nnx.Param`` and ``nnx.BatchStat`` objects, so
     ``nnx.state(model)`` keeps its paths and values.
+
+    The model itself changes (for every thread), so a function given the model, ``nnx.jit``
+    included, runs bnjax from then on. A graphdef taken before (``nnx.split(model)``) still
+    describes Flax's layer: ``nnx.merge`` of it rebuilds ``flax.nnx.BatchNorm``; split the
+    model again after the replacement.
 
     Args:
       model: an NNX module (searched recursively).

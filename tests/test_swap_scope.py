@@ -281,6 +281,8 @@ def test_masks_are_read_as_flax_reads_them():
     np.testing.assert_allclose(new["batch_stats"]["mean"][:2], 0.01 * xf[:, :2].mean(0),
                                rtol=1e-5)
     np.testing.assert_allclose(y[:, :2], _np_bn(xf[:, :2], 1e-5), rtol=1e-4, atol=1e-5)
+    assert np.isnan(flax_new["batch_stats"]["mean"][2])  # Flax: the mean of nothing
+    assert (new["batch_stats"]["mean"][2], new["batch_stats"]["var"][2]) == (0.0, 1.0)  # kept
     np.testing.assert_allclose(y[:, :2], flax_y[:, :2], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(new["batch_stats"]["mean"][:2], flax_new["batch_stats"]["mean"][:2],
                                rtol=1e-5)
@@ -359,3 +361,20 @@ def test_in_inference_mode_the_mask_is_ignored_as_flax_ignores_it():
     np.testing.assert_allclose(flax[1], expected, rtol=1e-5)
     np.testing.assert_allclose(ours[1], expected, rtol=1e-5)
     np.testing.assert_allclose(ours[0]["bias"], w.sum(0), rtol=1e-5)
+
+
+def test_an_nnx_call_after_the_replacement_is_bnjax_s_own():
+    x = jnp.asarray(np.random.default_rng(8).normal(size=(4, 5)), jnp.float32)
+    mask = jnp.asarray([True, False, True, True])[:, None]
+    flax_model, model = _NNXNet(nnx.Rngs(0)), _NNXNet(nnx.Rngs(0))
+    bnjax.replace_nnx_batch_norm(model)
+    flax_model.eval()
+    model.eval()
+    flax_model(x.astype(jnp.int32))  # Flax's layer casts an integer input ...
+    with pytest.raises(TypeError, match="x has dtype int32"):
+        model(x.astype(jnp.int32))  # ... bnjax's refuses it
+    grad = jax.grad(lambda x, m: jnp.sum(m.bn(x, mask=mask)), argnums=0)
+    expected = np.ones((4, 5)) / np.sqrt(1.0 + 1e-5)  # moving var 1: Flax ignores the mask
+    np.testing.assert_allclose(grad(x, flax_model), expected, rtol=1e-6)
+    np.testing.assert_allclose(grad(x, model)[np.asarray(mask[:, 0])], expected[:3], rtol=1e-6)
+    np.testing.assert_array_equal(grad(x, model)[1], 0.0)
