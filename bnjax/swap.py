@@ -12,13 +12,21 @@ in place by a ``bnjax.nnx.BatchNorm`` that holds the same variables.
 
 Both run bnjax's arithmetic (``bnjax.functional.batch_norm``) through bnjax's layers; they
 differ from the module they replace only in what bnjax always does (the exact variance,
-statistics in float32) and in the options: Keras' epsilon (1e-3) instead of the module's own,
-and the non-finite guard (on by default, as in bnjax's layers). A field bnjax cannot honour
-raises an error that names the module's path.
+statistics in float32, masked-out outputs carry no gradient in training mode) and in the
+options: Keras' epsilon (1e-3) instead of the module's own, and the non-finite guard (on by
+default, as in bnjax's layers). A linen call is read as Flax reads it: what Flax's call
+refuses raises Flax's error, an integer input is cast to float32, a mask broadcasts to the
+input. Any error raised under the swap names the module's path.
 
-Under ``jax.jit`` the swap acts while the function is traced: a function traced before (the
-jit cache hit of an earlier call outside the context) keeps Flax's layer. The report's
-``count`` says how many layers were replaced, so a swap that did not happen shows.
+Scope (linen): a swap acts in the thread that entered it, from ``with`` to its end, and the
+innermost active one decides (``without_flax_batch_norm()`` inside
+``replacing_flax_batch_norm()`` removes the layers, and the outer one decides again after
+it). Its settings are part of the key of jax's caches (``jax.make_user_context``), so a
+function jitted once is traced again where the swap differs: traced inside and called
+outside, it runs Flax's layer; traced outside and called inside, bnjax's. A
+``jax.stages.Lowered`` or ``Compiled`` object keeps what it was traced with. The report lists
+the layers met while tracing or running inside; a trace reused from an earlier swap of the
+same settings adds nothing to it.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -38,12 +46,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bnjax._checks import check_epsilon, check_mode
 from bnjax._layer import check_layer
@@ -58,6 +69,12 @@ __all__ = [
 
 #: ``flax.linen.BatchNorm.__call__`` as Flax defined it (below Flax's method wrapper).
 _FLAX_CALL = nn.BatchNorm.__call__.__wrapped__
+_FLAX_SIGNATURE = inspect.signature(_FLAX_CALL)
+#: The active swap's settings, part of the key of jax's tracing and compilation caches: a
+#: function traced under one swap (or none) is traced again under another.
+_SWAP_KEY = jax.make_user_context(None)
+#: This thread's active swaps, innermost last (each one's identity).
+_ACTIVE = threading.local()
 _KERAS_EPSILON = 1e-3
 #: The attributes of a ``flax.nnx.BatchNorm``: its settings, then its variables.
 _NNX_SETTINGS = ("num_features", "use_running_average", "axis", "momentum", "epsilon", "dtype",
@@ -150,21 +167,85 @@ def _linen_layer(module: nn.BatchNorm, x: jax.Array, epsilon: float | None,
     return layer
 
 
+def _active() -> list[object]:
+    if not hasattr(_ACTIVE, "stack"):
+        _ACTIVE.stack = []
+    return _ACTIVE.stack
+
+
+def _flax_arguments(module: nn.BatchNorm, args: Any, kwargs: Any,
+                    where: str) -> tuple[Any, bool, Any]:
+    """``(x, use_running_average, mask)`` as Flax's call reads them; refused where Flax's is.
+
+    The arguments are bound to ``flax.linen.BatchNorm.__call__``'s signature and the mode is
+    merged with the field by Flax's own ``nn.merge_param``, so a call Flax refuses raises
+    Flax's error (with the module's path) instead of running on bnjax.
+    """
+    try:
+        bound = _FLAX_SIGNATURE.bind(module, *args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"flax.linen.BatchNorm at {where!r}: {e}; flax.linen.BatchNorm's call "
+                        "takes (x, use_running_average=None, *, mask=None).") from None
+    bound.apply_defaults()
+    a = bound.arguments
+    try:
+        mode = nn.merge_param("use_running_average", module.use_running_average,
+                              a["use_running_average"])
+    except ValueError as e:
+        raise ValueError(f"flax.linen.BatchNorm at {where!r}: {e}") from None
+    return a["x"], mode, a["mask"]
+
+
 @contextlib.contextmanager
-def _intercepting(run: Callable[..., Any]) -> Iterator[SwapReport]:
-    """Calls ``run(module, args, kwargs)`` in place of every ``flax.linen.BatchNorm`` call."""
-    report = SwapReport()
+def _intercepting(key: tuple[Any, ...], run: Callable[..., Any]) -> Iterator[SwapReport]:
+    """Calls ``run(module, x, use_running_average, mask)`` for each ``flax.linen.BatchNorm``.
+
+    Only the innermost active swap of this thread acts (an outer one passes the call on), and
+    ``key`` (the swap's settings) is part of jax's cache key while it is active.
+    """
+    report, me = SwapReport(), object()
 
     def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
         if (context.method_name != "__call__" or not isinstance(context.module, nn.BatchNorm)
-                or getattr(context.orig_method, "func", None) is not _FLAX_CALL):
+                or getattr(context.orig_method, "func", None) is not _FLAX_CALL
+                or _active()[-1] is not me):
             return next_fun(*args, **kwargs)
-        out = run(context.module, args, kwargs)
-        report._add(_where(context.module.path))
+        where = _where(context.module.path)
+        out = run(context.module, *_flax_arguments(context.module, args, kwargs, where))
+        report._add(where)
         return out
 
-    with nn.intercept_methods(interceptor):
-        yield report
+    stack = _active()
+    stack.append(me)
+    try:
+        with _SWAP_KEY(key), nn.intercept_methods(interceptor):
+            yield report
+    finally:
+        stack.remove(me)
+
+
+def _as_flax_reads(x: Any, mode: bool, mask: Any, where: str) -> tuple[Any, Any]:
+    """The input and mask as ``flax.linen.BatchNorm`` reads them.
+
+    An integer or boolean input is cast to float32 (Flax computes in
+    ``promote_types(x.dtype, float32)``); the mask is ignored with the moving statistics (as
+    Flax ignores it), else cast to bool and broadcast as NumPy broadcasts it to the input.
+    """
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        x = jnp.asarray(x, jnp.promote_types(dtype, jnp.float32))
+    if mask is None or mode:
+        return x, None
+    mask, shape = jnp.asarray(mask, bool), tuple(jnp.shape(x))
+    try:
+        ok = mask.ndim <= len(shape) and np.broadcast_shapes(mask.shape, shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"flax.linen.BatchNorm at {where!r}: mask has shape {mask.shape}, "
+                         f"which does not broadcast to the input's shape {shape}; Flax's "
+                         "layer takes a mask broadcastable to its input.")
+    return x, mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
 
 
 def replacing_flax_batch_norm(
@@ -175,8 +256,16 @@ def replacing_flax_batch_norm(
     Each replaced call builds ``bnjax.BatchNorm`` with the module's own fields (momentum,
     epsilon, axis, dtypes, initializers, ``axis_name``, ...; ``dtype=None`` keeps Flax's
     promotion of the input with the parameters) in the module's own scope, and calls it with
-    the module's arguments (``x``, ``use_running_average``, ``mask``). Variables keep their
-    names and places, so ``init``, ``apply`` and checkpoints work unchanged.
+    the module's arguments (``x``, ``use_running_average``, ``mask``) read as Flax reads them:
+    a call Flax refuses (``use_running_average`` at construction and at call, or at neither;
+    an argument Flax's call does not take) raises Flax's error, an integer or boolean input
+    is cast to float32, a mask is cast to bool and broadcast to the input (and ignored with
+    the moving statistics, as Flax ignores it). Variables keep their names and places, so
+    ``init``, ``apply`` and checkpoints work unchanged.
+
+    The swap acts in this thread until the ``with`` ends, and only where it is the innermost
+    active swap; its settings are part of jax's cache key, so a jitted function runs what
+    the swap active at the call says (see the module docstring).
 
     Args:
       epsilon: ``"module"`` (each layer's own), ``"keras"`` (1e-3) or a number > 0 for all.
@@ -189,7 +278,10 @@ def replacing_flax_batch_norm(
 
     Raises:
       ValueError: an option is not accepted; or, when a layer is called, a field of that
-        layer bnjax cannot honour (the message names the module path).
+        layer bnjax cannot honour, a call Flax refuses, or any other error of the call
+        (the message names the module path).
+      TypeError: ``guard_non_finite`` is not a bool; or a call with arguments Flax's call
+        does not take (named with the module path).
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -203,18 +295,27 @@ def replacing_flax_batch_norm(
     eps = _resolve_epsilon(epsilon)
     check_mode("guard_non_finite", guard_non_finite, optional=False)
 
-    def run(module: nn.BatchNorm, args: Any, kwargs: Any) -> Any:
-        x = args[0] if args else kwargs["x"]
-        return _linen_layer(module, x, eps, guard_non_finite)(*args, **kwargs)
+    def run(module: nn.BatchNorm, x: Any, mode: bool, mask: Any) -> Any:
+        where = _where(module.path)
+        layer = _linen_layer(module, x, eps, guard_non_finite)
+        x, mask = _as_flax_reads(x, mode, mask, where)
+        try:
+            return layer(x, mode, mask=mask)
+        except (TypeError, ValueError) as e:
+            if type(e) not in (TypeError, ValueError):  # jax's own subclasses, as they are
+                raise
+            raise type(e)(f"flax.linen.BatchNorm at {where!r} cannot run on bnjax: {e}") from e
 
-    return _intercepting(run)
+    return _intercepting(("bnjax", eps, bool(guard_non_finite)), run)
 
 
 def without_flax_batch_norm() -> contextlib.AbstractContextManager[SwapReport]:
     """While active, every ``flax.linen.BatchNorm`` returns its input: the no-norm ablation.
 
     The layers declare no variables (a model initialized inside has no ``batch_stats``);
-    the output is cast to a layer's ``dtype`` when it sets one.
+    the output is cast to a layer's ``dtype`` when it sets one. A call Flax refuses raises
+    Flax's error, as under :func:`replacing_flax_batch_norm`, and the scope is the same: this
+    thread, the innermost active swap, part of jax's cache key.
 
     Returns:
       A context manager giving a :class:`SwapReport` of the layers removed.
@@ -226,11 +327,10 @@ def without_flax_batch_norm() -> contextlib.AbstractContextManager[SwapReport]:
       >>> v, report.count
       ({}, 1)
     """
-    def run(module: nn.BatchNorm, args: Any, kwargs: Any) -> Any:
-        x = args[0] if args else kwargs["x"]
+    def run(module: nn.BatchNorm, x: Any, mode: bool, mask: Any) -> Any:
         return x if module.dtype is None else jnp.asarray(x, module.dtype)
 
-    return _intercepting(run)
+    return _intercepting(("identity",), run)
 
 
 def _children(node: Any) -> list[tuple[Any, Any]]:
@@ -295,6 +395,11 @@ def replace_nnx_batch_norm(
     layer. The new layer takes the old one's settings (``promote_dtype`` included, so dtypes
     follow Flax) and holds the old one's ``nnx.Param`` and ``nnx.BatchStat`` objects, so
     ``nnx.state(model)`` keeps its paths and values.
+
+    The model itself changes (for every thread), so a function given the model, ``nnx.jit``
+    included, runs bnjax from then on. A graphdef taken before (``nnx.split(model)``) still
+    describes Flax's layer: ``nnx.merge`` of it rebuilds ``flax.nnx.BatchNorm``; split the
+    model again after the replacement.
 
     Args:
       model: an NNX module (searched recursively).
