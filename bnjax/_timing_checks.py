@@ -25,7 +25,12 @@ HINT = ("name the keyword whose True switches training on (e.g. 'train'), not on
 
 
 def first_line(e: BaseException) -> str:
-    """``Type: first line of the message``, without Flax's link to its error page."""
+    r"""``Type: first line of the message``, without Flax's link to its error page.
+
+    Example:
+      >>> first_line(ValueError("bad layer (https://flax.readthedocs.io/x)\nmore"))
+      'ValueError: bad layer'
+    """
     import re
 
     text = str(e).strip().splitlines()
@@ -38,6 +43,14 @@ def mode_of(model: Any, mode: str | None) -> str | None:
 
     None: the call takes none of :data:`MODES`, so the model chooses its mode from
     ``mutable=["batch_stats"]``. A given keyword the call lacks is refused.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...     def __call__(self, x, train):
+      ...         return x
+      >>> mode_of(Net(), None), mode_of(nn.Dense(2), None)
+      ('train', None)
     """
     import inspect
 
@@ -56,7 +69,12 @@ def mode_of(model: Any, mode: str | None) -> str | None:
 
 
 def call_text(mode: str | None, training: bool) -> str:
-    """The model call a step makes, as a user would write it."""
+    """The model call a step makes, as a user would write it.
+
+    Example:
+      >>> call_text(None, False)
+      'model.apply(variables, x)'
+    """
     if mode is None:
         return "model.apply(variables, x" + (", mutable=['batch_stats'])" if training else ")")
     return (f"model.apply(variables, x, {mode}={training}"
@@ -68,6 +86,15 @@ def probe(model: Any, batch: Mapping[str, Any], mode: str | None,
     """The rng streams the model's training call asks for (Flax names each one it misses).
 
     A model that cannot take ``batch["x"]``, or whose logits the labels overrun, is refused.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train):
+      ...         return nn.Dropout(0.5, deterministic=not train)(nn.Dense(3)(x))
+      >>> probe(Net(), {"x": np.ones((4, 2), np.float32), "y": np.arange(4) % 3}, "train", "Net")
+      ('dropout',)
     """
     import re
 
@@ -110,7 +137,13 @@ def probe(model: Any, batch: Mapping[str, Any], mode: str | None,
 
 def compile_step(fn: Callable[..., Any], state: Any, batch: Any, step: str, mode: str | None,
              label: str) -> Any:
-    """``fn`` compiled; an eval call that puts a batch norm in training mode is refused."""
+    """``fn`` compiled; an eval call that puts a batch norm in training mode is refused.
+
+    Example:
+      >>> import jax
+      >>> float(compile_step(jax.jit(lambda s, b: s + b), 1.0, 2.0, "eval", "train", "f")(1.0, 2.0))
+      3.0
+    """
     import re
 
     from flax import errors
@@ -134,6 +167,15 @@ def check_train(train: Callable[..., Any], state: Any, batch: Any, mode: str | N
     """Runs ``train`` once; refuses it if it skips its update or leaves the batch statistics.
 
     Either way its time would not be a train step's.
+
+    Example:
+      >>> from types import SimpleNamespace
+      >>> state = SimpleNamespace(batch_stats={"mean": np.zeros(2)})
+      >>> check_train(lambda s, b: (s, {"loss": 1.0, "skipped": 0.0}), state, None,
+      ...             "deterministic", "Net", "flax BN")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: Net's train step (flax BN) updates no batch statistics: ...
     """
     import jax
 

@@ -237,13 +237,13 @@ def compare(
     streams = probe(model, batch, mode, label)
     order = sorted(norms, key=lambda v: v != "flax BN")  # Flax's errors name the layer
     for dtype in dtypes:
-        built = {v: _build(model, batch, v, dtype, mode, tx, steps, streams, label, log)
-                 for v in order}
+        built = {}
+        for v in order:
+            built[v] = state, compiled = _build(model, batch, v, dtype, mode, tx, steps,
+                                                streams, label, log)
+            if "train" in steps and v != "no norm":
+                check_train(compiled["train"], state, batch, mode, label, f"{v}, {dtype}")
         built = {v: built[v] for v in norms}
-        if "train" in steps:
-            for v, (s, c) in built.items():
-                if v != "no norm":
-                    check_train(c["train"], s, batch, mode, label, f"{v}, {dtype}")
         for step in steps:
             calls = {v: functools.partial(c[step], s, batch) for v, (s, c) in built.items()}
             peaks = {v: _peak_bytes(c[step]) for v, (_, c) in built.items()}
@@ -427,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       SystemExit: 0
     """
     import datetime
+    import re
     import shlex
     import sys
     import time
@@ -450,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        steps=args.steps.split(","),
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
-        _fail(str(e).replace("mode=", "--mode=", 1) if str(e).startswith("mode=") else str(e))
+        _fail(re.sub(r"(?<![\w-])mode=", "--mode=", str(e)))  # compare's mode is --mode
     git = git_commit()
     meta = {"benchmark": "compare", "command": shlex.join(["bnjax-bench", *argv]),
             "git_commit": git["commit"], "git_dirty": git["dirty"], "started": started,
