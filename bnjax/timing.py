@@ -272,11 +272,11 @@ def _import(spec: str) -> tuple[Any, str]:
         sys.path.insert(0, os.getcwd())
     try:
         obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = "" if e.name == module_name else f" (importing it: {first_line(e)})"
-        raise ValueError(f"--model={spec!r}: no module {module_name!r} can be imported from "
-                         f"{os.getcwd()} or the installed packages{missing}.") from e
-    except Exception as e:  # noqa: BLE001 - the user's module fails to import
+    except Exception as e:  # noqa: BLE001 - the user's module is missing or fails to import
+        name = getattr(e, "name", None) or ""
+        if isinstance(e, ModuleNotFoundError) and f"{module_name}.".startswith(f"{name}."):
+            raise ValueError(f"--model={spec!r}: no module {name!r} can be imported from "
+                             f"{os.getcwd()} or the installed packages.") from e
         raise ValueError(f"--model={spec!r}: importing {module_name} raised "
                          f"{first_line(e)}") from e
     for i, part in enumerate(attr.split(".")):

@@ -60,6 +60,7 @@ MODELS = textwrap.dedent('''
 
 def _bench(tmp_path, *args, timeout=300):
     (tmp_path / "tiny_models.py").write_text(MODELS)
+    (tmp_path / "needs_missing.py").write_text("import not_installed_anywhere\n")
     return subprocess.run([sys.executable, "-m", "bnjax.timing", *args], cwd=tmp_path,
                           env=fast_compile_env(one_device_env()), capture_output=True,
                           text=True, timeout=timeout)
@@ -72,6 +73,11 @@ QUICK = ["--input-shape", "2", "--batch-size", "8", "--num-classes", "3", "--rep
 @pytest.mark.parametrize("args,message", [
     (["--model", "no_such_module:net"],
      "--model='no_such_module:net': no module 'no_such_module' can be imported from"),
+    (["--model", "no_such_package.models:net"],
+     "--model='no_such_package.models:net': no module 'no_such_package' can be imported from"),
+    (["--model", "needs_missing:net"], "--model='needs_missing:net': importing needs_missing "
+                                       "raised ModuleNotFoundError: No module named "
+                                       "'not_installed_anywhere'"),
     (["--model", "tiny_models:Nope"], "--model='tiny_models:Nope': tiny_models has no attribute "
                                       "'Nope'."),
     (["--model", "tiny_models:broken"], "--model='tiny_models:broken': the factory broken(**{}) "
@@ -91,8 +97,8 @@ QUICK = ["--input-shape", "2", "--batch-size", "8", "--num-classes", "3", "--rep
      "Flat cannot take batch['x'] of shape (8, 5) (float32): TypeError: cannot reshape"),
     (["--model", "tiny_models:DropNet", "--num-classes", "7"],
      "batch['y'] holds labels from 0 to 6, but DropNet returns 3 logits per example"),
-], ids=["module", "attribute", "factory", "kwarg", "mode", "batch-size", "num-classes",
-        "dtypes", "input-shape", "labels"])
+], ids=["module", "package", "missing-import", "attribute", "factory", "kwarg", "mode",
+        "batch-size", "num-classes", "dtypes", "input-shape", "labels"])
 def test_a_user_error_is_one_line_and_exit_2(tmp_path, args, message):
     flags = dict(zip(QUICK[::2], QUICK[1::2], strict=True))
     flags.update(zip(args[::2], args[1::2], strict=True))  # the case's flags win
