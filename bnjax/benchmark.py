@@ -33,6 +33,7 @@ import numpy as np
 __all__ = [
     "compile_fn",
     "cpu_model",
+    "device_label",
     "environment",
     "fmt",
     "git_commit",
@@ -98,13 +99,12 @@ def environment() -> dict[str, Any]:
     """
     import jax
 
-    dev = jax.devices()[0]
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
     return {
-        "device": f"{dev.platform}: {dev.device_kind}",
+        "device": device_label(),
         "num_devices": jax.device_count(),
         **{name: _version(name) for name in _VERSIONED},
         "python": platform.python_version(),
@@ -117,6 +117,29 @@ def environment() -> dict[str, Any]:
         "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")},
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
+
+
+def device_label() -> str:
+    """The first device's kind as a person names it, with the count where it helps.
+
+    ``cpu (1 device)`` or ``cpu (8 devices)`` on the host platform; the accelerator's kind
+    (``NVIDIA H100 80GB HBM3``, ``TPU v5 lite``), with ``(N devices)`` after it when there
+    are several.
+
+    Example:
+      >>> import jax
+      >>> label = device_label()
+      >>> label.startswith("cpu (") if jax.default_backend() == "cpu" else bool(label)
+      True
+    """
+    import jax
+
+    dev, n = jax.devices()[0], jax.device_count()
+    count = f"({n} device{'s' if n > 1 else ''})"
+    kind = str(dev.device_kind)
+    if kind.lower() == dev.platform.lower():
+        return f"{dev.platform} {count}"
+    return kind if n == 1 else f"{kind} {count}"
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -294,8 +317,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def model_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def model_table(rows: Sequence[Mapping[str, Any]], *, spread: bool = False) -> str:
     """The markdown table of ``bnjax.timing.compare``'s rows (``python -m benchmarks step``'s).
+
+    Args:
+      rows: the rows (``model``, ``step``, ``batch``, ``variant``, ``median_ms``, ...).
+      spread: add a ``p25-p75 ms`` column beside the median (the interquartile range of the
+        timed runs; ``-`` for a row that has none, as in files written before it was kept).
 
     Example:
       >>> row = {"model": "net", "step": "train", "batch": 8, "dtype": "float32",
@@ -303,23 +331,30 @@ def model_table(rows: Sequence[Mapping[str, Any]]) -> str:
       ...        "bn_cost_pct": 25.0, "peak_bytes": 2**20, "available": True}
       >>> print(model_table([row]).splitlines()[-1])
       | net train, batch 8, float32 | flax BN | 2 | 1 | +25 % | 1 |
+      >>> print(model_table([{**row, "p25_ms": 1.5, "p75_ms": 2.25}], spread=True).splitlines()[-1])
+      | net train, batch 8, float32 | flax BN | 2 | 1.5-2.25 | 1 | +25 % | 1 |
     """
     table = []
     for r in rows:
         name = f"{r['model']} {r['step']}, batch {r['batch']}, {r.get('dtype', 'float32')}"
         cost = r.get("bn_cost_pct")
         cost = "-" if cost is None else f"{cost:+.0f} %"
+        q = (r.get("p25_ms"), r.get("p75_ms"))
+        iqr = [f"{fmt(q[0])}-{fmt(q[1])}" if None not in q and r["available"] else "-"]
         if r["available"]:
             peak = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
-            table.append([name, r["variant"], r["median_ms"], r["ratio_to_flax"], cost, peak])
+            table.append([name, r["variant"], r["median_ms"], *iqr[:spread],
+                          r["ratio_to_flax"], cost, peak])
         else:
-            table.append([name, r["variant"], r["note"], "-", "-", "-"])
+            table.append([name, r["variant"], r["note"], *iqr[:spread], "-", "-", "-"])
+    header = ["step", "normalization", "ms", *["p25-p75 ms"][:spread], "ratio to flax BN",
+              "BN cost over no norm", "peak MiB"]
     return ("Model level (median ms of the jitted step; train = forward, backward and update):"
-            "\n\n" + markdown_table(["step", "normalization", "ms", "ratio to flax BN",
-                                      "BN cost over no norm", "peak MiB"], table))
+            "\n\n" + markdown_table(header, table))
 
 
-def init_variables(model: Any, x: Any, *, mode: str | None = "training") -> Any:
+def init_variables(model: Any, x: Any, *, mode: str | None = "training",
+                   rngs: Sequence[str] = ()) -> Any:
     """He-normal kernels, unit scales and variances, zero biases and means.
 
     ``model.init`` would compile the initializers' random-number code, op by op, which takes
@@ -330,6 +365,7 @@ def init_variables(model: Any, x: Any, *, mode: str | None = "training") -> Any:
       model: a Flax module called as ``model.apply(variables, x, **{mode: False})``.
       x: an example input (only its shape and dtype are used).
       mode: the keyword of the model's call that switches training on (None: no keyword).
+      rngs: rng streams besides ``params`` that the model's init asks for (``dropout``, ...).
 
     Example:
       >>> import flax.linen as nn, jax.numpy as jnp
@@ -345,7 +381,8 @@ def init_variables(model: Any, x: Any, *, mode: str | None = "training") -> Any:
     import jax.numpy as jnp
 
     kwargs = {} if mode is None else {mode: False}
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, **kwargs))
+    keys = {name: jax.random.key(0) for name in ("params", *rngs)}
+    shapes = jax.eval_shape(lambda: model.init(keys, x, **kwargs))
     rng = np.random.default_rng(0)
 
     def fill(path: Any, leaf: jax.ShapeDtypeStruct) -> jax.Array:
