@@ -34,6 +34,8 @@ from bnjax.linen import BatchNorm, resolve_training
 BN_TYPES = (BatchNorm, nn.BatchNorm)
 #: The base layers whose own ``__call__`` the tools intercept and whose arithmetic they know.
 FOLDABLE_BN_TYPES = (BatchNorm, nn.BatchNorm)
+#: The base layers' own ``__call__`` functions (unwrapped), as Flax's interceptors see them.
+_BASE_CALLS = {cls.__call__.__wrapped__: cls for cls in FOLDABLE_BN_TYPES}
 #: Names a subclass defines without changing its base layer's arithmetic.
 _NEUTRAL_NAMES = frozenset({
     "__call__", "__init__", "__eq__", "__hash__", "__repr__", "__doc__", "__module__",
@@ -68,30 +70,6 @@ ad.primitive_jvps[mark_p] = lambda primals, tangents, *, tag: (
 @functools.cache
 def _call_signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.__call__)
-
-
-@functools.cache
-def call_chain(cls: type) -> tuple[type, ...]:
-    """The classes of ``cls``'s MRO that define ``__call__``, down to the first base layer.
-
-    A subclass's ``super().__call__`` runs the next one: the ``k``-th nested ``__call__`` of
-    one layer is ``call_chain(type(layer))[k]``'s.
-
-    Example:
-      >>> import flax.linen as nn
-      >>> class Sub(nn.BatchNorm):
-      ...     def __call__(self, x, training=None):
-      ...         return super().__call__(x, not training)
-      >>> [c.__name__ for c in call_chain(Sub)]
-      ['Sub', 'BatchNorm']
-    """
-    chain = []
-    for klass in cls.__mro__:
-        if "__call__" in vars(klass):
-            chain.append(klass)
-        if klass in FOLDABLE_BN_TYPES:
-            break
-    return tuple(chain)
 
 
 def changed_names(cls: type) -> list[str]:
@@ -216,23 +194,15 @@ def intercept_layers(
       >>> seen
       [('layers_1', (4, 2), False)]
     """
-    depth: Counter = Counter()  # nested __call__s of each batch-norm layer now running
-
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         if isinstance(module, nnx.bridge.ToLinen):
             raise TypeError(bridged_message("the inference tool", f"layer {module.path!r}"))
-        if isinstance(module, BN_TYPES):
-            chain, level = call_chain(type(module)), depth[id(module)]
-            depth[id(module)] += 1
-            try:
-                if level < len(chain) and chain[level] in FOLDABLE_BN_TYPES:
-                    return on_bn(BNCall.bind(module, chain[level], args, kwargs), next_fun)
-                return next_fun(*args, **kwargs)
-            finally:
-                depth[id(module)] -= 1
+        base = _BASE_CALLS.get(getattr(context.orig_method, "func", None))
+        if base is not None and isinstance(module, BN_TYPES):
+            return on_bn(BNCall.bind(module, base, args, kwargs), next_fun)
         if on_linear is not None and type(module) in LINEAR_TYPES:
             return on_linear(module, next_fun(*args, **kwargs))
         return next_fun(*args, **kwargs)
