@@ -226,7 +226,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     and the data position; each epoch, every ``checkpoint_every_steps`` and at the end; the
     last ``keep_checkpoints``) and ``curves.png``. Running it again on the same ``workdir``
     continues from the newest intact checkpoint and ends with the same metrics as an
-    uninterrupted run; on a finished run it prints the result and writes nothing. The workdir
+    uninterrupted run; on a finished run it prints the result and writes nothing (with
+    ``precise_bn_batches`` or ``export_folded`` set it applies them to the final checkpoint,
+    which stays as it is). The workdir
     is locked for the run and checked before anything is computed; a run that fails during
     start-up leaves nothing behind; SIGINT or SIGTERM finishes the step, saves and returns.
 

@@ -232,13 +232,15 @@ def fold_batch_norm(
     residual branch), each layer is called once, the layer has no custom ``dot_general`` /
     ``conv_general_dilated``, and the batch norm normalizes the last axis. Every other batch
     norm stays, with the reason in ``folded_model.kept`` (e.g. its input comes from a ``relu``
-    or a pooling, or it is a subclass such as a batch-renorm variant whose inference formula
-    may differ).
+    or a pooling). A subclass of a batch norm (another call signature, e.g. ``norm(x,
+    training=t)``) folds when it adds only a ``__call__`` and field defaults; one that defines
+    any other method or property may compute something else and stays.
 
-    The folded model (:class:`FoldedModel`) wraps the original one and keeps its variable
-    paths: folded batch norms become the identity while it runs, and a linear layer built
-    without a bias gets the folded bias from ``params/<layer>/bias``. Its variables have no
-    ``batch_stats`` for folded layers (none at all when everything folded).
+    The folded model (:class:`FoldedModel`) applies the original one (an ``nn.Sequential`` or a
+    model with submodule fields included) and keeps its variable paths: folded batch norms
+    become the identity while it runs, and a linear layer built without a bias gets the folded
+    bias from ``params/<layer>/bias``. Its variables have no ``batch_stats`` for folded layers
+    (none at all when everything folded).
 
     Args:
       model: a ``flax.linen`` module.
