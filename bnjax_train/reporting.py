@@ -87,19 +87,27 @@ def final_line(result: Mapping[str, Any], seconds: float, workdir: str) -> str:
             f"this process; outputs in {workdir}")
 
 
-def finished_line(result: Mapping[str, Any], workdir: str) -> str:
-    """What a finished run prints when it is run again (it writes nothing).
+def finished_line(result: Mapping[str, Any], workdir: str, applying: str = "") -> str:
+    """What a finished run prints when it is run again.
+
+    ``applying`` names the inference tools the config asks for (``"PreciseBN and the folded
+    export"``), which then run on the final checkpoint; without them there is nothing to do.
 
     Example:
       >>> print(finished_line({"test_accuracy": 0.5, "test_loss": 1.25, "step": 8, "epoch": 2},
       ...                     "runs/x"))  # doctest: +NORMALIZE_WHITESPACE
       Finished run in runs/x: final test accuracy 0.5000 (test loss 1.2500) after 8 steps,
       2 epochs; nothing to do (a larger --config.num_epochs trains on)
+      >>> print(finished_line({"test_accuracy": 0.5, "test_loss": 1.25, "step": 8, "epoch": 2},
+      ...                     "runs/x", "the folded export"))  # doctest: +NORMALIZE_WHITESPACE
+      Finished run in runs/x: final test accuracy 0.5000 (test loss 1.2500) after 8 steps,
+      2 epochs; applying the folded export to its final checkpoint
     """
+    then = (f"applying {applying} to its final checkpoint" if applying else
+            "nothing to do (a larger --config.num_epochs trains on)")
     return (f"Finished run in {workdir}: final test accuracy "
             f"{_num(result.get('test_accuracy'))} (test loss {_num(result.get('test_loss'))}) "
-            f"after {result['step']} steps, {result['epoch']} epochs; nothing to do (a larger "
-            "--config.num_epochs trains on)")
+            f"after {result['step']} steps, {result['epoch']} epochs; {then}")
 
 
 def stopped_line(step: int, signal_name: str | None, saved: bool) -> str:

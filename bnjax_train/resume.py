@@ -199,8 +199,11 @@ def commit(point: ResumePoint, *, checkpoints: checkpointing.Checkpoints, workdi
 
 
 def report_finished(point: ResumePoint, workdir: str, *, is_main: bool,
-                    read_only: bool = False) -> dict[str, Any]:
+                    read_only: bool = False, applying: str = "") -> dict[str, Any]:
     """A finished run's result (its last epoch line), printed; nothing is written.
+
+    ``applying`` names the inference tools the caller runs next on the final checkpoint
+    (:func:`bnjax_train.reporting.finished_line`).
 
     Raises:
       WorkdirError: ``read_only`` and the run is not finished (it cannot go on).
@@ -226,5 +229,5 @@ def report_finished(point: ResumePoint, workdir: str, *, is_main: bool,
             print(reporting.checkpoint_warning(restored.skipped, restored.step, []), flush=True)
         if point.damaged_lines:
             print(_damaged_lines_line(point, None), flush=True)
-        print(reporting.finished_line(result, workdir), flush=True)
+        print(reporting.finished_line(result, workdir, applying), flush=True)
     return result

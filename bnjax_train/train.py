@@ -226,7 +226,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     and the data position; each epoch, every ``checkpoint_every_steps`` and at the end; the
     last ``keep_checkpoints``) and ``curves.png``. Running it again on the same ``workdir``
     continues from the newest intact checkpoint and ends with the same metrics as an
-    uninterrupted run; on a finished run it prints the result and writes nothing. The workdir
+    uninterrupted run; on a finished run it prints the result and writes nothing (with
+    ``precise_bn_batches`` or ``export_folded`` set it applies them to the final checkpoint,
+    which stays as it is). The workdir
     is locked for the run and checked before anything is computed; a run that fails during
     start-up leaves nothing behind; SIGINT or SIGTERM finishes the step, saves and returns.
 
@@ -283,9 +285,16 @@ def _run(run: Run, state: bnjax.TrainState, claim: Claim, changes: dict[str, lis
     config = run.config
     state, point = _resume(run, state)
     loop, records = point.loop, point.records
-    if point.finished or claim.read_only:  # writes nothing
-        return resume.report_finished(point, run.workdir, is_main=run.is_main,
-                                      read_only=claim.read_only)
+    if point.finished or claim.read_only:
+        # A finished run trains nothing; the inference tools the config asks for run on its
+        # final checkpoint (which they do not change). A read-only workdir writes nothing.
+        applying = "" if claim.read_only else _tools_named(config)
+        result = resume.report_finished(point, run.workdir, is_main=run.is_main,
+                                        read_only=claim.read_only, applying=applying)
+        if not applying:
+            return result
+        claim.start()
+        return _inference_tools(run, run.placement.put_state(state), result)
     if run.stopping():  # a signal during start-up: nothing trained yet
         run.checkpoints.close()
         claim.discard_new()
@@ -328,6 +337,13 @@ def _interrupted(run: Run, loop: LoopState, result: dict[str, Any],
     if run.is_main:
         print(reporting.stopped_line(loop.step, signal_name, saved), flush=True)
     return result
+
+
+def _tools_named(config: Any) -> str:
+    """The inference tools ``config`` asks for, named for the finished-run line ("" if none)."""
+    names = (["PreciseBN"] if config.get("precise_bn_batches", 0) else []) + (
+        ["the folded export"] if config.get("export_folded", False) else [])
+    return " and ".join(names)
 
 
 def _inference_tools(run: Run, state: bnjax.TrainState, result: dict[str, Any]) -> dict:

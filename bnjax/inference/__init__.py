@@ -13,12 +13,12 @@ At inference a batch-norm layer is a fixed per-channel affine map. This package
 
 All three work on any ``flax.linen`` model, not only on the model zoo: they run the model and
 watch its layers with :func:`flax.linen.intercept_methods` (``tracing``). Layers recognised as
-batch norm are ``bnjax.BatchNorm`` and ``flax.linen.BatchNorm`` (and, for the statistics
-tools, their subclasses); layers recognised as linear are ``flax.linen.Conv``,
-``flax.linen.ConvTranspose`` and ``flax.linen.Dense``. The arithmetic of the statistics is
-``bnjax.functional``'s. Without ``call_kwargs`` the tools put the model in inference mode
-through the mode argument its ``__call__`` has (``train``, ``training``,
-``use_running_average`` or ``deterministic``; ``common``).
+batch norm are ``bnjax.BatchNorm`` and ``flax.linen.BatchNorm`` and their subclasses (read at
+the base layer's own ``__call__``, so a subclass may have any call signature); layers recognised
+as linear are ``flax.linen.Conv``, ``flax.linen.ConvTranspose`` and ``flax.linen.Dense``. The
+arithmetic of the statistics is ``bnjax.functional``'s. Without ``call_kwargs`` the tools put
+the model in inference mode through the mode argument its ``__call__`` has (``train``,
+``training``, ``use_running_average`` or ``deterministic``; ``common``).
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn

@@ -20,7 +20,13 @@ import numpy as np
 
 from bnjax import functional as F
 from bnjax.inference.common import Path, get_path, path_str
-from bnjax.inference.tracing import BNCall, LayerCall, intercept_layers, trace_layers
+from bnjax.inference.tracing import (
+    BNCall,
+    LayerCall,
+    intercept_layers,
+    quiet_epsilon,
+    trace_layers,
+)
 
 Array = jax.Array
 
@@ -210,7 +216,7 @@ def make_collector(model: nn.Module, call_kwargs: Mapping[str, Any],
     @jax.jit
     def collect(variables, x):
         found.clear()
-        with intercept_layers(on_bn):
+        with quiet_epsilon(), intercept_layers(on_bn):
             if record is not None:
                 model.apply(variables, x, **call_kwargs)
                 return found[0]

@@ -117,15 +117,27 @@ def copy_variables(variables: Any, name: str = "variables") -> dict[str, Any]:
 
 
 def require_batch_stats(variables: Mapping[str, Any], fn: str) -> None:
-    """Raises a ``ValueError`` naming ``fn`` when ``variables`` has no ``batch_stats``.
+    """Raises a ``ValueError`` naming ``fn`` when ``variables`` has no or empty ``batch_stats``.
 
     Example:
       >>> require_batch_stats({"params": {}}, "fold_batch_norm")
       Traceback (most recent call last):
       ...
       ValueError: fold_batch_norm: variables has collections ['params'] but no 'batch_stats'; ...
+      >>> require_batch_stats({"params": {}, "batch_stats": {}}, "precise_batch_stats")
+      Traceback (most recent call last):
+      ...
+      ValueError: precise_batch_stats: variables['batch_stats'] is empty ({}): ...
     """
-    if "batch_stats" not in variables or not variables["batch_stats"]:
+    if "batch_stats" in variables and not variables["batch_stats"]:
+        raise ValueError(
+            f"{fn}: variables['batch_stats'] is empty ({variables['batch_stats']!r}): the "
+            "model has no batch statistics to use or recompute. Pass the variables of a model "
+            "with batch-norm layers, as returned by model.init(...) (or {'params': "
+            "state.params, 'batch_stats': state.batch_stats}); a model without batch norm "
+            "needs none of these tools."
+        )
+    if "batch_stats" not in variables:
         raise ValueError(
             f"{fn}: variables has collections {sorted(variables)} but no 'batch_stats'; pass "
             "the variables of a model with batch-norm layers, as returned by model.init(...) "

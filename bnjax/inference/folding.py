@@ -34,11 +34,12 @@ from bnjax.inference.common import (
     set_path,
 )
 from bnjax.inference.tracing import (
-    FOLDABLE_BN_TYPES,
     BNCall,
     LayerCall,
     bn_producers,
+    changed_names,
     intercept_layers,
+    quiet_epsilon,
     trace_layers,
 )
 
@@ -52,17 +53,35 @@ class _FoldStep(NamedTuple):
     out_dtype: str  # dtype of the batch norm's output (the identity casts to it)
 
 
+class _Held:
+    """Holds the wrapped model where Flax does not look for submodules.
+
+    A module in a field of a module is adopted by it: its own submodule fields (an
+    ``nn.Sequential``'s layers, an ``Outer(inner=Net())``'s ``inner``) would take paths under
+    the wrapper's scope. Held here, the model is applied on its own, with its own paths.
+    """
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __repr__(self) -> str:
+        return repr(self.model)
+
+
 class FoldedModel(nn.Module):
     """A model whose foldable batch norms are merged into the preceding conv / dense layer.
 
     Built by :func:`fold_batch_norm`; call it like the original model (same arguments, same
-    variable paths) with the folded variables. While it runs, an interceptor turns every folded
-    batch-norm layer into the identity and adds the folded bias to linear layers that had none;
-    the folded kernels and biases themselves are in the variables. The folded model is for
-    inference only: a folded layer called in training mode raises an error.
+    variable paths) with the folded variables. It applies the original model to its variables
+    while an interceptor turns every folded batch-norm layer into the identity and adds the
+    folded bias to linear layers that had none; the folded kernels and biases themselves are
+    in the variables. The folded model is for inference only: a folded layer called in
+    training mode raises an error, and nothing is mutable.
 
     Attributes:
-      model: the original model (its submodules share this module's scope).
+      held: the original model (read it as ``model``).
       plan: the folded (linear layer, batch norm) pairs.
       kept: ``(batch-norm path, reason)`` for every batch norm that was not folded.
 
@@ -74,13 +93,18 @@ class FoldedModel(nn.Module):
       ...         return bnjax.BatchNorm()(nn.Dense(3)(x), training=training)
       >>> variables = Net().init(jax.random.key(0), jnp.ones((2, 4)), training=False)
       >>> folded, fv = bnjax.fold_batch_norm(Net(), variables, jnp.ones((2, 4)))
-      >>> folded.folded, sorted(fv)
-      ((('Dense_0', 'BatchNorm_0'),), ['params'])
+      >>> folded.folded, sorted(fv), type(folded.model).__name__
+      ((('Dense_0', 'BatchNorm_0'),), ['params'], 'Net')
     """
 
-    model: nn.Module
+    held: _Held
     plan: tuple[_FoldStep, ...] = ()
     kept: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def model(self) -> nn.Module:
+        """The original model."""
+        return self.held.model
 
     @property
     def folded(self) -> tuple[tuple[str, str], ...]:
@@ -94,39 +118,31 @@ class FoldedModel(nn.Module):
         lines += [f"  kept {bn}: {why}" for bn, why in self.kept]
         return "\n".join(lines)
 
-    def setup(self) -> None:
-        """Shares this module's scope with the wrapped model, so variable paths are unchanged."""
-        nn.share_scope(self, self.model)
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Runs the wrapped model with the folded batch norms removed."""
-        prefix = self.scope.path
+        """Applies the original model to this module's variables, folded batch norms removed."""
         by_bn = {s.bn_path: s for s in self.plan}
         by_linear = {s.linear_path: s for s in self.plan if s.add_bias}
 
-        def relative(module: nn.Module) -> Path | None:
-            path = module.scope.path
-            return path[len(prefix):] if path[: len(prefix)] == prefix else None
-
         def on_bn(call: BNCall, next_fun):
-            rel = relative(call.module)
-            if rel not in by_bn:
+            path = call.module.scope.path
+            if path not in by_bn:
                 return call.run(next_fun)
             if call.training():
                 raise ValueError(
-                    f"batch-norm layer {path_str(rel)} was folded into "
-                    f"{path_str(by_bn[rel].linear_path)}: the folded model is for inference "
+                    f"batch-norm layer {path_str(path)} was folded into "
+                    f"{path_str(by_bn[path].linear_path)}: the folded model is for inference "
                     "only; call it in inference mode (e.g. training=False)."
                 )
-            return call.x.astype(by_bn[rel].out_dtype)
+            return call.x.astype(by_bn[path].out_dtype)
 
         def on_linear(module: nn.Module, y):
-            if relative(module) not in by_linear:
+            if module.scope.path not in by_linear:
                 return y
             return y + module.get_variable("params", "bias").astype(y.dtype)
 
+        variables = self.scope.variables()
         with intercept_layers(on_bn, on_linear):
-            return self.model(*args, **kwargs)
+            return self.model.apply(variables, *args, **kwargs)
 
 
 def _linear_out_axis(module: nn.Module) -> int:
@@ -172,9 +188,11 @@ def _why_not(bn: LayerCall, lin: LayerCall, variables: Mapping[str, Any],
 def _why_kept(bn: LayerCall, src: tuple, calls: list[LayerCall], variables: Mapping[str, Any],
               counts: Counter) -> str | None:
     """Why a traced batch norm stays, given what produced its input; None: it folds."""
-    if type(bn.module) not in FOLDABLE_BN_TYPES:
-        return (f"{type(bn.module).__name__} is a subclass of a batch norm; only "
-                "bnjax.BatchNorm and flax.linen.BatchNorm are folded")
+    changed = changed_names(type(bn.module))
+    if changed:
+        return (f"{type(bn.module).__name__} is a subclass of a batch norm that defines "
+                f"{changed}, which may change its arithmetic; only subclasses that add a "
+                "__call__ and field defaults are folded")
     if counts[bn.path] > 1:
         return f"the layer is called {counts[bn.path]} times (shared weights)"
     if src[0] == "input":
@@ -214,13 +232,15 @@ def fold_batch_norm(
     residual branch), each layer is called once, the layer has no custom ``dot_general`` /
     ``conv_general_dilated``, and the batch norm normalizes the last axis. Every other batch
     norm stays, with the reason in ``folded_model.kept`` (e.g. its input comes from a ``relu``
-    or a pooling, or it is a subclass such as a batch-renorm variant whose inference formula
-    may differ).
+    or a pooling). A subclass of a batch norm (another call signature, e.g. ``norm(x,
+    training=t)``) folds when it adds only a ``__call__`` and field defaults; one that defines
+    any other method or property may compute something else and stays.
 
-    The folded model (:class:`FoldedModel`) wraps the original one and keeps its variable
-    paths: folded batch norms become the identity while it runs, and a linear layer built
-    without a bias gets the folded bias from ``params/<layer>/bias``. Its variables have no
-    ``batch_stats`` for folded layers (none at all when everything folded).
+    The folded model (:class:`FoldedModel`) applies the original one (an ``nn.Sequential`` or a
+    model with submodule fields included) and keeps its variable paths: folded batch norms
+    become the identity while it runs, and a linear layer built without a bias gets the folded
+    bias from ``params/<layer>/bias``. Its variables have no ``batch_stats`` for folded layers
+    (none at all when everything folded).
 
     Args:
       model: a ``flax.linen`` module.
@@ -293,7 +313,7 @@ def fold_batch_norm(
                 delete_path(folded_vars[collection], step.bn_path)
     if not folded_vars.get("batch_stats"):
         folded_vars.pop("batch_stats", None)
-    return FoldedModel(model, tuple(plan), tuple(kept)), folded_vars
+    return FoldedModel(_Held(model), tuple(plan), tuple(kept)), folded_vars
 
 
 def _fold_into(out: dict[str, Any], variables: Mapping[str, Any], step: _FoldStep,
@@ -384,7 +404,8 @@ def export_folded_model(
     fn = jax.jit(lambda inputs: folded.apply(folded_vars, inputs, **call_kwargs))
     dims = ", ".join(["batch", *map(str, x.shape[1:])])
     spec = jax.ShapeDtypeStruct(export.symbolic_shape(dims), x.dtype)
-    data = export.export(fn)(spec).serialize()
+    with quiet_epsilon():
+        data = export.export(fn)(spec).serialize()
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, EXPORT_FILE)
     with open(path, "wb") as f:
@@ -392,7 +413,8 @@ def export_folded_model(
     with open(path, "rb") as f:
         reloaded = export.deserialize(bytearray(f.read()))
     check = x[:8]
-    want = np.asarray(model.apply(variables, check, **call_kwargs), np.float64)
+    with quiet_epsilon():
+        want = np.asarray(model.apply(variables, check, **call_kwargs), np.float64)
     got = np.asarray(reloaded.call(check), np.float64)
     report = {
         "path": path,

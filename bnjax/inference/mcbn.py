@@ -24,6 +24,7 @@ from bnjax.inference.common import (
     inference_call_kwargs,
     require_batch_stats,
 )
+from bnjax.inference.tracing import quiet_epsilon
 
 Array = jax.Array
 
@@ -142,7 +143,8 @@ def mc_batch_norm_predict(
 
     @jax.jit
     def predict(variables, x):
-        out = model.apply(variables, x, **call_kwargs)
+        with quiet_epsilon():
+            out = model.apply(variables, x, **call_kwargs)
         return jax.nn.softmax(out, axis=-1) if from_logits else out
 
     chunk = x.shape[0] if batch_size is None else batch_size

@@ -10,10 +10,12 @@ the data flow between them can be read off the jaxpr (:func:`bn_producers`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -24,13 +26,24 @@ from flax import nnx
 from jax.extend import core as jcore
 from jax.interpreters import ad, batching, mlir
 
+from bnjax._layer import FlaxEpsilonWarning
 from bnjax.inference.common import Path, bridged_message, path_str
 from bnjax.linen import BatchNorm, resolve_training
 
-#: Layers whose statistics the tools recompute (subclasses included).
+#: Batch-norm layers the tools recognise (subclasses included: see :func:`intercept_layers`).
 BN_TYPES = (BatchNorm, nn.BatchNorm)
-#: Layers folded into a preceding linear layer (exact types: a subclass may compute more).
+#: The base layers whose own ``__call__`` the tools intercept and whose arithmetic they know.
 FOLDABLE_BN_TYPES = (BatchNorm, nn.BatchNorm)
+#: The base layers' own ``__call__`` functions (unwrapped), as Flax's interceptors see them.
+_BASE_CALLS = {cls.__call__.__wrapped__: cls for cls in FOLDABLE_BN_TYPES}
+#: Names a subclass defines without changing its base layer's arithmetic.
+_NEUTRAL_NAMES = frozenset({
+    "__call__", "__init__", "__eq__", "__hash__", "__repr__", "__doc__", "__module__",
+    "__annotations__", "__match_args__", "__dataclass_params__", "__dataclass_fields__",
+    "__qualname__", "__firstlineno__", "__static_attributes__", "__orig_bases__",
+    "__parameters__", "parent", "name", "scope", "_state", "_parent_ref",
+    "_compact_name_scope_methods",
+})
 #: Linear layers a batch norm can be folded into (exact types).
 LINEAR_TYPES = (nn.Conv, nn.ConvTranspose, nn.Dense)
 
@@ -59,13 +72,53 @@ def _call_signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.__call__)
 
 
+def changed_names(cls: type) -> list[str]:
+    """What a batch-norm subclass defines besides fields and its own ``__call__``.
+
+    A subclass that only adds a ``__call__`` (another signature) and field defaults computes
+    its base layer's arithmetic, which is what folding replaces; any other method or
+    property it defines could change it.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class Sub(nn.BatchNorm):
+      ...     epsilon: float = 1e-3
+      ...     def __call__(self, x, training=None):
+      ...         return super().__call__(x, not training)
+      >>> changed_names(Sub), changed_names(nn.BatchNorm)
+      ([], [])
+    """
+    fields = getattr(cls, "__dataclass_fields__", {})
+    names = []
+    for klass in cls.__mro__:
+        if klass in FOLDABLE_BN_TYPES:
+            break
+        names += [n for n in vars(klass) if n not in _NEUTRAL_NAMES and n not in fields]
+    return sorted(set(names))
+
+
+@contextlib.contextmanager
+def quiet_epsilon() -> Iterator[None]:
+    """Silences ``FlaxEpsilonWarning`` in the tools' own runs of a model.
+
+    The warning is for a user's call of a layer; the tools call the user's model many times
+    (traces, collectors, checks), where it would only repeat itself from inside bnjax.
+
+    Example:
+      >>> with quiet_epsilon():
+      ...     pass
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FlaxEpsilonWarning)
+        yield
+
+
 class BNCall(NamedTuple):
     """One call of a batch-norm layer, its arguments bound to the layer's ``__call__``.
 
-    Binding to the signature of the layer's own class reads the arguments by name, whatever
-    their position: ``flax.linen.BatchNorm`` takes ``use_running_average`` second,
-    ``bnjax.BatchNorm`` and subclasses may order ``training`` and ``use_running_average``
-    differently.
+    The arguments are those of the base layer's own ``__call__`` (``bnjax.BatchNorm``'s or
+    ``flax.linen.BatchNorm``'s, for a subclass the ``super().__call__`` inside its own), bound
+    to that signature, so they are read by name whatever their position.
 
     Attributes:
       module: the layer.
@@ -76,10 +129,10 @@ class BNCall(NamedTuple):
     bound: inspect.BoundArguments
 
     @classmethod
-    def bind(cls, module: nn.Module, args: tuple[Any, ...],
+    def bind(cls, module: nn.Module, base: type, args: tuple[Any, ...],
              kwargs: Mapping[str, Any]) -> BNCall:
-        """Binds ``module(*args, **kwargs)`` to the signature of ``type(module).__call__``."""
-        return cls(module, _call_signature(type(module)).bind(module, *args, **kwargs))
+        """Binds a call of ``base.__call__`` on ``module`` to that signature."""
+        return cls(module, _call_signature(base).bind(module, *args, **kwargs))
 
     @property
     def x(self) -> Any:
@@ -118,9 +171,13 @@ def intercept_layers(
 ) -> Any:
     """A context in which batch-norm calls and linear outputs pass through the given functions.
 
-    ``on_bn(call, next_fun)`` replaces every outermost ``__call__`` of a batch-norm layer
-    (a subclass's ``super().__call__`` inside it runs as it is); it returns the layer's output,
-    e.g. ``call.run(next_fun)``. ``on_linear(module, y)`` gets the output ``y`` of every
+    ``on_bn(call, next_fun)`` replaces every call of a base layer's own ``__call__``
+    (``bnjax.BatchNorm``'s or ``flax.linen.BatchNorm``'s): for a subclass with its own
+    ``__call__`` (another signature, e.g. ``norm(x, training=t)``), the subclass's code runs
+    as it is and ``on_bn`` gets the ``super().__call__`` inside it, whose arguments have the
+    base layer's meaning. It returns the layer's output, e.g. ``call.run(next_fun)``. A
+    subclass whose ``__call__`` never reaches its base's is not seen as a batch norm.
+    ``on_linear(module, y)`` gets the output ``y`` of every
     ``nn.Conv`` / ``nn.ConvTranspose`` / ``nn.Dense`` call and returns what the layer returns.
 
     Example:
@@ -137,20 +194,15 @@ def intercept_layers(
       >>> seen
       [('layers_1', (4, 2), False)]
     """
-    active: set[int] = set()
-
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         if isinstance(module, nnx.bridge.ToLinen):
             raise TypeError(bridged_message("the inference tool", f"layer {module.path!r}"))
-        if isinstance(module, BN_TYPES) and id(module) not in active:
-            active.add(id(module))
-            try:
-                return on_bn(BNCall.bind(module, args, kwargs), next_fun)
-            finally:
-                active.discard(id(module))
+        base = _BASE_CALLS.get(getattr(context.orig_method, "func", None))
+        if base is not None and isinstance(module, BN_TYPES):
+            return on_bn(BNCall.bind(module, base, args, kwargs), next_fun)
         if on_linear is not None and type(module) in LINEAR_TYPES:
             return on_linear(module, next_fun(*args, **kwargs))
         return next_fun(*args, **kwargs)
@@ -228,7 +280,7 @@ def trace_layers(
         it = iter(arrays)
         xs = jax.tree.unflatten(
             treedef, [next(it) if t else v for v, t in zip(leaves, traced, strict=True)])
-        with intercept_layers(on_bn, on_linear):
+        with quiet_epsilon(), intercept_layers(on_bn, on_linear):
             return model.apply(variables, xs, **call_kwargs)
 
     specs = [jax.ShapeDtypeStruct(tuple(v.shape), v.dtype)
