@@ -260,3 +260,19 @@ def test_nnx_optimizer_filter_leaves_a_frozen_layer_alone():
     steps(nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.5), wrt=wrt))
     assert bits((model.bn.scale[...], model.bn.bias[...])) == before
     assert not np.allclose(model.d0.kernel[...], kernel)
+
+
+def test_on_a_mesh_the_frozen_layer_is_held_on_every_device():
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    v = initial()
+    state = step_lib.TrainState.create(apply_fn=Net(frozen=True).apply, params=v["params"],
+                                       batch_stats=v["batch_stats"],
+                                       tx=optax.adamw(1e-2, weight_decay=0.5))  # decays all
+    state = bnjax.put_replicated(state, mesh)
+    step = step_lib.make_train_step(mesh=mesh)
+    x, y = data()
+    for _ in range(STEPS):
+        state, _ = step(state, bnjax.put_batch({"x": x, "y": y}, mesh))
+    got = bnjax.fetch_replicated(state.params)
+    assert bits(got["bn"]) == bits(v["params"]["bn"])
+    assert not np.allclose(got["d1"]["kernel"], v["params"]["d1"]["kernel"])
