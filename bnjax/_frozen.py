@@ -93,6 +93,9 @@ def hold_frozen(tx: optax.GradientTransformation, trainable: Any, updates: Any,
     optimizer state keep ``old_state``'s values where the state holds copies of the params
     tree. The flags are Python bools: the choice is made once, when the step is traced.
 
+    Raises:
+      ValueError: ``trainable`` does not have the structure of ``updates``.
+
     Example:
       >>> import optax
       >>> tx = optax.sgd(0.1, momentum=0.9)
@@ -103,6 +106,11 @@ def hold_frozen(tx: optax.GradientTransformation, trainable: Any, updates: Any,
       >>> optax.apply_updates(p, u)["b"].tolist(), s1[0].trace["b"].tolist()
       ([1.0], [0.0])
     """
+    if jax.tree.structure(trainable) != jax.tree.structure(updates):
+        raise ValueError(
+            f"trainable has the tree structure {jax.tree.structure(trainable)} but the updates "
+            f"(the params) have {jax.tree.structure(updates)}; it must hold one bool per "
+            "parameter: build it with bnjax.trainable_mask(model, ...) for this model.")
     updates = jax.tree.map(lambda t, u: u if t else jnp.full_like(u, -0.0), trainable, updates)
     flags = _state_flags(tx, new_state, trainable)
     if flags is not None:

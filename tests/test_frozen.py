@@ -219,9 +219,14 @@ def test_keep_frozen_holds_a_users_own_loop_carrying_on_its_state(make_tx):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_keep_frozen_refuses_what_is_not_an_optimizer():
+def test_keep_frozen_refuses_what_is_not_an_optimizer_and_a_mask_of_other_params():
     with pytest.raises(TypeError, match=r"tx=3 is not an optax.GradientTransformation"):
         bnjax.keep_frozen(3, {})
+    p = {"w": np.ones(2, np.float32), "b": np.ones(2, np.float32)}
+    tx = bnjax.keep_frozen(optax.sgd(0.1), {"w": True})
+    with pytest.raises(ValueError, match=r"trainable has the tree structure .* one bool per "
+                                         r"parameter"):
+        tx.update(p, tx.init(p), p)
 
 
 def test_nnx_optimizer_filter_leaves_a_frozen_layer_alone():
