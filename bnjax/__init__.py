@@ -41,7 +41,13 @@ from bnjax.parallel import (
     unreplicate,
     validate_data_parallel,
 )
-from bnjax.steps import TrainState, make_eval_step, make_train_step
+from bnjax.steps import (
+    TrainState,
+    keep_frozen,
+    make_eval_step,
+    make_train_step,
+    trainable_mask,
+)
 from bnjax.swap import (
     SwapReport,
     replace_nnx_batch_norm,
@@ -67,6 +73,7 @@ __all__ = [
     "fold_batch_norm",
     "init_renorm_stats",
     "initialize_distributed",
+    "keep_frozen",
     "make_constrain_fn",
     "make_eval_step",
     "make_train_step",
@@ -82,6 +89,7 @@ __all__ = [
     "replicate",
     "resolve_training",
     "shard_batch",
+    "trainable_mask",
     "unreplicate",
     "update_moving_stats",
     "validate_data_parallel",

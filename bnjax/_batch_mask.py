@@ -13,7 +13,8 @@ naming it: the step could not keep the padding out of them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,9 +24,52 @@ import jax.numpy as jnp
 from bnjax._checks import canonicalize_axes, mask_to_input_rank
 from bnjax.linen import BatchNorm
 
-__all__ = ["check_masked", "masked_batch_norms", "zero_padding"]
+__all__ = ["check_masked", "example_mask", "masked_batch_norms", "zero_padding"]
 
 Array = jax.Array
+
+
+def example_mask(batch: Mapping[str, Any], n: int) -> Array | None:
+    """``batch["mask"]`` as a boolean ``(n,)`` (one flag per example), None without one.
+
+    Accepted: a boolean mask (True = a valid example, False = padding) or an integer one
+    (nonzero = valid), of shape ``(n,)`` or ``(n, 1, ..., 1)``. A floating-point mask is
+    refused rather than read as ``mask != 0``: weights such as 0.5 would count as 1 in the
+    loss and in every batch norm's statistics, which cannot weight examples.
+
+    Args:
+      batch: the step's batch; ``n`` examples (the length of ``batch["y"]``).
+      n: the number of examples.
+
+    Raises:
+      TypeError: the mask is not boolean or integer.
+      ValueError: it does not hold one flag per example.
+
+    Example:
+      >>> example_mask({"mask": jnp.array([1, 0])}, 2).tolist()
+      [True, False]
+      >>> example_mask({"mask": jnp.array([0.5, 1.0])}, 2)
+      Traceback (most recent call last):
+      ...
+      TypeError: batch['mask'] has dtype float32; it must be boolean (True = a valid example, ...
+    """
+    mask = batch.get("mask")
+    if mask is None:
+        return None
+    dtype = jnp.result_type(mask)
+    if dtype != jnp.bool_ and not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"batch['mask'] has dtype {dtype}; it must be boolean (True = a valid example, "
+            "False = padding) or integer (nonzero = valid). The step does not weight "
+            "examples: batch statistics cannot, so a weight such as 0.5 would count as a "
+            "whole example. Pass mask > 0 for a mask, or write a step that weights the loss.")
+    shape = tuple(jnp.shape(mask))
+    if not shape or shape[0] != n or any(d != 1 for d in shape[1:]):
+        raise ValueError(
+            f"batch['mask'] has shape {shape} ({math.prod(shape)} flags) but the batch holds "
+            f"{n} examples (the length of batch['y']); it must have shape ({n},), one flag "
+            "per example.")
+    return jnp.asarray(mask).astype(bool).reshape(n)
 
 
 def _where(path: tuple[str, ...], module: Any) -> str:

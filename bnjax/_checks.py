@@ -251,6 +251,18 @@ def check_per_feature(name: str, value: Array | None, feature_shape: tuple[int, 
         )
 
 
+def _broadcasts_to(shape: tuple[Any, ...], x_shape: tuple[Any, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``x_shape``; a symbolic (``jax.export``) size is kept.
+
+    ``jnp.broadcast_shapes`` (not NumPy's, which needs ints) decides on symbolic sizes: ``b``
+    matches ``b`` and ``1``, and nothing that is not provably equal.
+    """
+    try:
+        return tuple(jnp.broadcast_shapes(tuple(shape), tuple(x_shape))) == tuple(x_shape)
+    except ValueError:
+        return False
+
+
 def _refuse_two_meanings(shape: tuple[int, ...], x_shape: tuple[int, ...],
                          axes: tuple[int, ...]) -> None:
     """Raises when a mask of the input's shape without its feature axes also broadcasts.
@@ -260,10 +272,7 @@ def _refuse_two_meanings(shape: tuple[int, ...], x_shape: tuple[int, ...],
     """
     reduced = [i for i in range(len(x_shape)) if i not in axes]
     trailing = list(range(len(x_shape) - len(shape), len(x_shape)))
-    try:
-        broadcasts = np.broadcast_shapes(shape, x_shape) == tuple(x_shape)
-    except ValueError:
-        broadcasts = False
+    broadcasts = _broadcasts_to(shape, x_shape)
     # The readings differ only where a mask axis of size > 1 lands on different input axes.
     if not broadcasts or all(n == 1 or r == t for n, r, t in zip(shape, reduced, trailing,
                                                                  strict=True)):
@@ -301,11 +310,7 @@ def mask_to_input_rank(mask: Any, x_shape: tuple[int, ...], axes: tuple[int, ...
     if mask.shape == reduced_shape:
         _refuse_two_meanings(mask.shape, x_shape, axes)
         return jnp.expand_dims(mask, axes)
-    try:
-        ok = mask.ndim <= len(x_shape) and np.broadcast_shapes(mask.shape, x_shape) == x_shape
-    except ValueError:
-        ok = False
-    if not ok:
+    if not (mask.ndim <= len(x_shape) and _broadcasts_to(mask.shape, x_shape)):
         raise ValueError(
             f"mask has shape {mask.shape}; for an input of shape {x_shape} with feature "
             f"axes {axes} it must have shape {reduced_shape} (the input without its feature "

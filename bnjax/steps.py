@@ -33,13 +33,16 @@ from flax import struct
 from jax.sharding import Mesh
 
 from bnjax import spmd
-from bnjax._batch_mask import check_masked, masked_batch_norms, zero_padding
+from bnjax._batch_mask import check_masked, example_mask, masked_batch_norms, zero_padding
+from bnjax._frozen import frozen_layers, hold_frozen, trainable_tree
 from bnjax.validation import validate_data_parallel, validate_mesh_data_parallel
 
 __all__ = [
     "TrainState",
+    "keep_frozen",
     "make_eval_step",
     "make_train_step",
+    "trainable_mask",
 ]
 
 Batch = Mapping[str, Any]
@@ -116,6 +119,79 @@ class TrainState(struct.PyTreeNode):
         )
 
 
+def trainable_mask(model: Any, *example_args: Any, **example_kwargs: Any) -> Any:
+    """The params tree of a linen model as bools: False for a frozen ``bnjax.BatchNorm``.
+
+    The model is traced once abstractly (``jax.eval_shape`` of ``model.init`` with the example
+    arguments; nothing is computed) and every ``bnjax.BatchNorm(frozen=True)`` it calls marks
+    its ``scale`` and ``bias`` False; every other leaf is True. Zero gradients alone do not
+    keep a frozen layer still under momentum, Adam or decoupled weight decay; give the mask to
+    :func:`keep_frozen` (it keeps the optimizer state's structure, so it can wrap the
+    optimizer of a run that carries on), or to ``optax.masked``, ``optax.multi_transform``
+    or ``optax.adamw(mask=...)`` when building a new optimizer. :func:`make_train_step` holds
+    frozen layers by itself.
+
+    Args:
+      model: a ``flax.linen`` module.
+      *example_args: positional arguments for ``model.init`` after the key (e.g. an input).
+      **example_kwargs: keyword arguments for ``model.init`` (e.g. ``training=False``).
+
+    Returns:
+      A tree of Python bools with the structure of ``model.init(...)["params"]``.
+
+    Example:
+      >>> import jax.numpy as jnp, flax.linen as nn
+      >>> from bnjax.linen import BatchNorm
+      >>> model = nn.Sequential([nn.Dense(3), BatchNorm(frozen=True, use_running_average=True)])
+      >>> trainable_mask(model, jnp.ones((2, 4)))
+      {'layers_0': {'bias': True, 'kernel': True}, 'layers_1': {'bias': False, 'scale': False}}
+    """
+    with frozen_layers() as found:
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_args,
+                                                   **example_kwargs))
+    return trainable_tree(shapes.get("params", {}), found)
+
+
+def keep_frozen(tx: optax.GradientTransformation,
+                trainable: Any) -> optax.GradientTransformation:
+    """``tx`` with the parameters that ``trainable`` marks False held, bit for bit.
+
+    Each update of ``tx`` runs as before; then the updates of the frozen leaves become
+    ``-0.0`` (``optax.apply_updates`` leaves a parameter unchanged to the bit) and, where the
+    optimizer state holds copies of the params tree (momentum, Adam's moments; found by
+    ``optax.tree_map_params``), their entries keep their values, as Keras leaves a
+    ``trainable=False`` weight and its optimizer slots alone. The state is ``tx``'s own, so
+    an ``opt_state`` built by ``tx`` carries on under ``keep_frozen(tx, ...)``. Inside
+    ``optax.masked`` or ``optax.multi_transform`` the state is not matched: the parameters
+    are still held, their state entries advance as ``tx`` computes them.
+
+    Args:
+      tx: an optax optimizer.
+      trainable: a tree of bools shaped like the params (:func:`trainable_mask`), or a
+        callable ``params -> tree`` (called on the updates, when the update is traced).
+
+    Returns:
+      The optax optimizer.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> tx = keep_frozen(optax.adamw(0.1), {"w": True, "b": False})
+      >>> p = {"w": jnp.ones(2), "b": jnp.ones(2)}
+      >>> u, _ = tx.update({"w": jnp.ones(2), "b": jnp.ones(2)}, tx.init(p), p)
+      >>> optax.apply_updates(p, u)["b"].tolist()
+      [1.0, 1.0]
+    """
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(f"tx={tx!r} is not an optax.GradientTransformation; pass an optax "
+                        "optimizer such as optax.adam(1e-3).")
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        mask = trainable(updates) if callable(trainable) else trainable
+        new_updates, new_state = tx.update(updates, state, params)
+        return hold_frozen(tx, mask, new_updates, new_state, state)
+
+    return optax.GradientTransformation(tx.init, update)
+
 
 # --------------------------------------------------------------------------------------------
 # Steps.
@@ -131,11 +207,6 @@ def _tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _example_mask(batch: Batch, n: int) -> jax.Array | None:
-    mask = batch.get("mask")
-    return None if mask is None else jnp.asarray(mask).astype(bool).reshape(n)
-
-
 def _check_labels(y: Any) -> None:
     if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
         raise TypeError(
@@ -147,7 +218,7 @@ def _inputs(batch: Batch) -> tuple[Any, jax.Array, jax.Array | None, jax.Array]:
     """``(x, y, mask or None, valid)``; padding (masked-out examples) replaced by zeros."""
     x, y = batch["x"], batch["y"]
     _check_labels(y)
-    mask = _example_mask(batch, y.shape[0])
+    mask = example_mask(batch, y.shape[0])
     if mask is None:
         return x, y, None, jnp.ones((y.shape[0],), bool)
     return zero_padding(x, mask), jnp.where(mask, y, 0), mask, mask
@@ -175,10 +246,13 @@ def _train_step_body(
     count = _global_sum(jnp.sum(valid, dtype=jnp.float32), axis_name)
     safe_count = jnp.maximum(count, 1.0)
     num_replicas = 1 if axis_name is None else jax.lax.psum(1, axis_name)
+    frozen: list[tuple[str, ...]] = []  # frozen bnjax.BatchNorm layers, found as they trace
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array, jax.Array]]:
-        logits, updates = _apply(state, params, x, mask, training=True,
-                                 mutable=["batch_stats", "losses"])
+        with frozen_layers() as found:
+            logits, updates = _apply(state, params, x, mask, training=True,
+                                     mutable=["batch_stats", "losses"])
+        frozen.extend(found)
         logits = logits.astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         ce_local = jnp.sum(jnp.where(valid, ce, 0.0))
@@ -201,9 +275,16 @@ def _train_step_body(
     accuracy = _global_sum(correct.astype(jnp.float32), axis_name) / safe_count
 
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+    if frozen:
+        trainable = trainable_tree(state.params, frozen)
+        updates, new_opt_state = hold_frozen(state.tx, trainable, updates, new_opt_state,
+                                             state.opt_state)
     new_params = optax.apply_updates(state.params, updates)
     if constrain_fn is not None:
         new_params = constrain_fn(new_params)
+    if frozen:  # a frozen layer's parameters are the old arrays, whatever constrain_fn does
+        new_params = jax.tree.map(lambda t, n, o: n if t else o, trainable, new_params,
+                                  state.params)
 
     ok = jnp.isfinite(loss) & _tree_all_finite(grads)
 
@@ -302,10 +383,16 @@ def make_train_step(
 
     The model is called as ``apply_fn({"params", "batch_stats"}, x, training=True,
     mutable=["batch_stats", "losses"])``. The loss is the mean softmax cross-entropy over the
-    valid examples of the global batch (``batch["mask"]``, bool per example, optional) plus the
-    sum of every leaf of the ``"losses"`` collection (penalties a module sows). When the loss or
-    any gradient is not finite, params, optimizer state and batch_stats are left unchanged and
-    ``metrics["skipped"]`` is 1 (``step`` still counts the batch).
+    valid examples of the global batch (``batch["mask"]``, optional: one flag per example,
+    boolean or integer, nonzero = valid; a float mask is refused, the step does not weight
+    examples) plus the sum of every leaf of the ``"losses"`` collection (penalties a module
+    sows). When the loss or any gradient is not finite, params, optimizer state and
+    batch_stats are left unchanged and ``metrics["skipped"]`` is 1 (``step`` still counts it).
+
+    A ``bnjax.BatchNorm(frozen=True)`` layer's ``scale`` and ``bias`` stay bit-identical
+    under any optax optimizer (momentum, Adam, weight decay), and so do their entries of the
+    optimizer state (see :func:`keep_frozen`): freezing a layer of a running model
+    (``state.replace(apply_fn=frozen_model.apply)``) stops it as Keras's ``trainable=False``.
 
     A padded batch trains exactly as its valid examples alone: with ``batch["mask"]``, every
     ``bnjax.BatchNorm`` and ``flax.linen.BatchNorm`` of the model gets ``mask=`` (one flag per

@@ -9,6 +9,8 @@ hand-written masked cross-entropy and plain SGD on the whole batch; "1e-5 relati
 error over the largest reference magnitude of each array.
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -383,3 +385,41 @@ def test_bad_step_arguments_are_clear_errors():
         parallel.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
     with pytest.raises(ValueError, match="coordinator_address"):
         parallel.initialize_distributed("localhost", num_processes=2, process_id=0)
+
+
+# --------------------------------------------------------------------------------------------
+# batch["mask"]: one boolean (or integer) flag per example, anything else refused by name.
+
+
+@pytest.mark.parametrize("mask,match", [
+    (np.full(8, 0.5, np.float32), r"batch\['mask'\] has dtype float32; it must be boolean"),
+    (np.ones(8, np.float16), r"batch\['mask'\] has dtype float16"),
+])
+def test_a_float_mask_of_weights_is_refused_not_read_as_true(mask, match):
+    x, y = make_data(8)
+    with pytest.raises(TypeError, match=match):
+        step_lib.make_train_step()(make_state(None), {"x": x, "y": y, "mask": mask})
+    with pytest.raises(TypeError, match=match):
+        step_lib.make_eval_step()(make_state(None), {"x": x, "y": y, "mask": mask})
+
+
+@pytest.mark.parametrize("shape", [(7,), (9,), (2, 4), (8, 2), ()])
+def test_a_mask_of_the_wrong_length_names_both_lengths(shape):
+    x, y = make_data(8)
+    mask = np.ones(shape, bool)
+    with pytest.raises(ValueError, match=rf"batch\['mask'\] has shape {re.escape(str(shape))} "
+                                         r".*the batch holds 8 examples.*shape \(8,\)"):
+        step_lib.make_train_step()(make_state(None), {"x": x, "y": y, "mask": mask})
+
+
+def test_an_integer_mask_is_read_as_nonzero_valid_and_a_column_mask_as_a_row():
+    """int 0/1 (B,) and bool (B, 1) masks train as the bool (B,) one: the valid rows only."""
+    bs = padded(1e3)
+    ref, loss, _ = ref_train_step(init_variables(layers=LAYERS), padded(0.0), layers=LAYERS,
+                                  lr=LR)
+    for mask in (bs["mask"].astype(np.int32), bs["mask"][:, None]):
+        state, m = step_lib.make_train_step()(make_state(None), {**bs, "mask": mask})
+        close(m["loss"], loss, what="loss")
+        for g, r in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref["params"]),
+                        strict=True):
+            close(g, r, what="params")
