@@ -136,3 +136,35 @@ def test_complex_output_dtype_accepted_integer_still_refused():
     with pytest.raises(TypeError, match="complex64, complex128"):
         bnjax.batch_norm(jnp.ones((4, 3)), {"mean": jnp.zeros(3), "var": jnp.ones(3)},
                          training=True, dtype=jnp.int32)
+
+
+def test_complex_statistics_over_a_named_axis_are_the_global_batch():
+    x = _complex((4, 5, 3), seed=8)  # 4 shards of 5 rows
+    stats = {"mean": jnp.zeros(3), "var": jnp.ones(3)}
+
+    def step(xs):
+        return bnjax.batch_norm(xs, stats, training=True, momentum=0.5, epsilon=EPS,
+                                axis_name="d")
+
+    y, new = jax.vmap(step, axis_name="d")(x)
+    y_ref, mean_ref, var_ref = ref_train(x.reshape(20, 3), np.zeros(3), np.ones(3), 0.5, EPS)
+    np.testing.assert_allclose(np.asarray(y).reshape(20, 3), y_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new["mean"][0], mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["var"][0], var_ref, rtol=1e-5)
+
+
+def test_complex_feature_without_values_keeps_its_moving_statistics():
+    x = _complex((6, 3), seed=9)
+    mask = np.ones((6, 3), bool)
+    mask[:, 1] = False
+    x = np.where(mask, x, np.nan).astype(np.complex64)
+    stats = {"mean": jnp.asarray([0.0, 0.5, 0.0]), "var": jnp.asarray([1.0, 4.0, 1.0])}
+    y, new = bnjax.batch_norm(x, stats, training=True, momentum=0.9, epsilon=EPS, mask=mask)
+    np.testing.assert_allclose(new["mean"][1], 0.5)
+    np.testing.assert_allclose(new["var"][1], 4.0)
+    assert np.all(np.isfinite(np.asarray(new["mean"]))) and np.all(np.isfinite(new["var"]))
+    _, mean_ref, var_ref = ref_train(x[:, [0, 2]], np.zeros(2), np.ones(2), 0.9, EPS)
+    np.testing.assert_allclose(np.asarray(new["mean"])[[0, 2]], mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new["var"])[[0, 2]], var_ref, rtol=1e-5)
+    valid = np.asarray(y)[:, [0, 2]]
+    assert np.all(np.isfinite(valid))
