@@ -148,7 +148,7 @@ def warn_single_value(shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
         "single value per feature channel: its batch variance is 0 and the output is the "
         "bias alone (as in Flax and Keras). Use training=False (moving statistics) or a "
         "larger batch; or, where this is meant (ensembles on batches of one), filter "
-        "bnjax.SingleValueWarning.", SingleValueWarning, stacklevel=4)
+        "bnjax.SingleValueWarning.", SingleValueWarning, stacklevel=3)
 
 
 def _concrete_float(name: str, value: Any, accepted: str) -> float | None:
