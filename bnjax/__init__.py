@@ -11,6 +11,7 @@ Example:
 
 from bnjax import convert as convert
 from bnjax import keras as keras
+from bnjax._checks import SingleValueWarning
 from bnjax._layer import FlaxEpsilonWarning, resolve_training
 from bnjax.functional import (
     Moments,
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "FlaxEpsilonWarning",
+    "SingleValueWarning",
     "FoldedModel",
     "MCBNPrediction",
     "Moments",

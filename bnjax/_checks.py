@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ Array = jax.Array
 Axis = int | Sequence[int]
 
 __all__ = [
+    "SingleValueWarning",
     "canonicalize_axes",
     "check_dtype",
     "check_epsilon",
@@ -32,6 +34,7 @@ __all__ = [
     "check_virtual_batch",
     "freeze_groups",
     "mask_to_input_rank",
+    "warn_single_value",
 ]
 
 
@@ -78,7 +81,7 @@ def canonicalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
 
 
 def check_input(x: Any, axes: tuple[int, ...] | None = None, *, training: bool = False) -> None:
-    """Checks that ``x`` is floating point and, given its feature axes, not empty.
+    """Checks that ``x`` is floating point (or complex) and, given its feature axes, not empty.
 
     Args:
       x: the input.
@@ -93,10 +96,11 @@ def check_input(x: Any, axes: tuple[int, ...] | None = None, *, training: bool =
       ValueError: x has shape (0, 3) with feature axes (1,): the batch holds no values to ...
     """
     dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"x has dtype {dtype}; batch normalization needs a floating-point input "
-            "(float16, bfloat16, float32 or float64). Cast it first, e.g. x.astype(jnp.float32)."
+            "(float16, bfloat16, float32, float64, or complex64/complex128 as in Flax). Cast "
+            "it first, e.g. x.astype(jnp.float32)."
         )
     if axes is None:
         return
@@ -111,6 +115,40 @@ def check_input(x: Any, axes: tuple[int, ...] | None = None, *, training: bool =
             f"x has shape {shape} with feature axes {axes}: the batch holds no values to "
             "compute statistics from. Skip empty batches, or use training=False."
         )
+
+
+class SingleValueWarning(UserWarning):
+    """Training-mode batch norm saw a single value per feature: its output is the bias.
+
+    With one value per feature the batch mean is that value and the batch variance 0, so
+    ``x - mean`` is 0 and every output is the bias (as in Flax and Keras; PyTorch raises).
+    bnjax computes exactly that and warns, once per traced shape: it is almost always a
+    mistake in a model (a batch of one, a wrong ``axis``), but ported Flax code (ensembles
+    trained under ``nnx.vmap`` on batches of one) relies on it. Silence it with
+    ``warnings.filterwarnings("ignore", category=bnjax.SingleValueWarning)``, or make it an
+    error with ``"error"``.
+    """
+
+
+def warn_single_value(shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
+    """Warns :class:`SingleValueWarning` for training on ``shape`` with one value per feature.
+
+    A static check (shapes only): it costs nothing in the compiled computation.
+
+    Example:
+      >>> import warnings
+      >>> with warnings.catch_warnings(record=True) as w:
+      ...     warnings.simplefilter("always")
+      ...     warn_single_value((1, 3), (1,))
+      >>> w[0].category.__name__
+      'SingleValueWarning'
+    """
+    warnings.warn(
+        f"training=True with input shape {tuple(shape)} and feature axis {axes} leaves a "
+        "single value per feature channel: its batch variance is 0 and the output is the "
+        "bias alone (as in Flax and Keras). Use training=False (moving statistics) or a "
+        "larger batch; or, where this is meant (ensembles on batches of one), filter "
+        "bnjax.SingleValueWarning.", SingleValueWarning, stacklevel=3)
 
 
 def _concrete_float(name: str, value: Any, accepted: str) -> float | None:
@@ -211,8 +249,11 @@ def check_mode(name: str, value: Any, *, optional: bool = True) -> None:
         )
 
 
-def check_dtype(name: str, dtype: Any, *, optional: bool = True) -> None:
+def check_dtype(name: str, dtype: Any, *, optional: bool = True,
+                allow_complex: bool = False) -> None:
     """Checks an output or parameter dtype: a floating-point dtype (or None if optional).
+
+    ``allow_complex`` also accepts complex64 and complex128 (an output dtype, as in Flax).
 
     Example:
       >>> check_dtype("param_dtype", jnp.int32)
@@ -223,13 +264,14 @@ def check_dtype(name: str, dtype: Any, *, optional: bool = True) -> None:
     if dtype is None and optional:
         return
     try:
-        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.inexact if allow_complex else jnp.floating)
     except TypeError:
         ok = False
     if not ok:
+        extra = ", complex64, complex128" if allow_complex else ""
         raise TypeError(
             f"{name}={dtype!r} is not a floating-point dtype; accepted: float16, bfloat16, "
-            f"float32, float64{' or None' if optional else ''}."
+            f"float32, float64{extra}{' or None' if optional else ''}."
         )
 
 

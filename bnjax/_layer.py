@@ -134,7 +134,7 @@ def check_layer(layer: Any) -> None:
     """
     C.check_momentum(layer.momentum)
     C.check_epsilon(layer.epsilon)
-    C.check_dtype("dtype", layer.dtype)
+    C.check_dtype("dtype", layer.dtype, allow_complex=True)
     C.check_dtype("param_dtype", layer.param_dtype, optional=False)
     for name in ("use_fast_variance", "frozen", "guard_non_finite", "renorm"):
         C.check_mode(name, getattr(layer, name), optional=False)

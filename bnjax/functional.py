@@ -29,6 +29,7 @@ from jax import lax
 
 from bnjax import _checks as C
 from bnjax._checks import Axis, canonicalize_axes
+from bnjax._complex import complex_moments, is_complex
 from bnjax._train import normalize_with, train_forward
 from bnjax.stats import Moments, moments, on_automatic_axes, stat_dtype, to_input_shape
 from bnjax.variants import (
@@ -90,7 +91,7 @@ def normalize(
     C.check_input(x)
     axes = canonicalize_axes(axis, x.ndim)
     epsilon = C.check_epsilon(epsilon, jnp.result_type(x))
-    C.check_dtype("dtype", dtype)
+    C.check_dtype("dtype", dtype, allow_complex=True)
     out_dtype = x.dtype if dtype is None else dtype
     return normalize_with(x, mean, var, scale, bias, axes, epsilon, out_dtype)
 
@@ -127,6 +128,9 @@ def update_moving_stats(
     out = {}
     for key, value in (("mean", batch.mean), ("var", batch.var)):
         old = stats[key]
+        # A complex batch mean makes the moving mean complex (as in Flax); otherwise the
+        # statistics keep their dtype.
+        old = old.astype(jnp.promote_types(old.dtype, value.dtype)) if is_complex(value) else old
         out[key] = guarded(ok, momentum * old + (1 - momentum) * value.astype(old.dtype), old,
                            guard)
     return out
@@ -195,6 +199,8 @@ def batch_norm(
 
     Args:
       x: input ``(..., C)``; any float dtype (statistics are computed in float32 or wider).
+        A complex input is normalized as Flax does: complex batch mean, real variance
+        ``E[|x - mean|^2]`` (exact), a complex moving mean and a real moving variance.
       stats: moving statistics ``{"mean": (C,), "var": (C,)}`` (feature shape for tuple axes).
       params: optional ``{"scale": (C,), "bias": (C,)}``; either key may be absent.
       training: use (and update) batch statistics, or use the moving ones; a Python bool.
@@ -242,8 +248,12 @@ def batch_norm(
         a bool, ``dtype`` is not a float dtype, or ``epsilon`` is traced.
       ValueError: bad ``axis``, ``momentum``, ``epsilon``, ``mask`` shape, clipping limits,
         ``axis_index_groups`` without ``axis_name``, statistics or parameters of another
-        feature shape, an empty batch in training, or training with a single value per
-        feature.
+        feature shape, an empty batch in training, or ghost batches of a single value per
+        feature; ``renorm`` or ``virtual_batch_size`` with a complex input.
+
+    Warns:
+      SingleValueWarning: training with a single value per feature (no ``axis_name``): the
+        batch variance is 0 and the output is the bias, as in Flax and Keras.
 
     Example:
       >>> x = jnp.array([[1.0, 2.0], [3.0, 6.0]])
@@ -258,7 +268,7 @@ def batch_norm(
     C.check_mode("training", training, optional=False)
     C.check_momentum(momentum)
     epsilon = C.check_epsilon(epsilon, jnp.result_type(x))
-    C.check_dtype("dtype", dtype)
+    C.check_dtype("dtype", dtype, allow_complex=True)
     axes = canonicalize_axes(axis, x.ndim)
     C.check_input(x, axes, training=bool(training))
     scale, bias = _check_arrays(x, stats, params, axes, renorm)
@@ -284,11 +294,15 @@ def batch_norm(
         virtual_batch_size = C.check_virtual_batch(virtual_batch_size, x.shape, axes)
         reduced = reduced // (x.shape[0] // virtual_batch_size)
     if reduced == 1 and axis_name is None:
-        raise ValueError(
-            f"training=True with input shape {tuple(x.shape)} and feature axis {axes} leaves a "
-            "single value per feature channel: its batch variance is 0 and the output would be "
-            "the bias alone. Use training=False (moving statistics) or a larger batch."
-        )
+        if virtual_batch_size is not None:
+            raise ValueError(
+                f"virtual_batch_size={virtual_batch_size} with input shape {tuple(x.shape)} and "
+                f"feature axis {axes} leaves a single value per feature channel in each ghost "
+                "batch: its output would be the bias alone. Use a larger virtual_batch_size.")
+        C.warn_single_value(x.shape, axes)
+    if is_complex(x):
+        return _complex_train(x, stats, scale, bias, m, axes, epsilon, axis_name, groups,
+                              out_dtype, momentum, guard_non_finite, renorm, virtual_batch_size)
     cfg = _TrainConfig(axes, epsilon, axis_name, groups, out_dtype, renorm,
                        renorm_clipping if renorm else {}, virtual_batch_size)
     y, batch = on_automatic_axes(lambda x, *a: _train(x, *a, cfg), x, axes, stats, scale,
@@ -297,6 +311,31 @@ def batch_norm(
         return y, update_renorm_stats(stats, batch, momentum, renorm_momentum, epsilon,
                                       guard_non_finite)
     return y, update_moving_stats(stats, batch, momentum, guard=guard_non_finite)
+
+
+def _complex_train(x: Array, stats: Mapping[str, Array], scale: Array | None,
+                   bias: Array | None, mask: Array | None, axes: tuple[int, ...],
+                   epsilon: float, axis_name: Any, groups: Any, out_dtype: Any,
+                   momentum: float | Array, guard: bool, renorm: bool,
+                   ghost: int | None) -> tuple[Array, dict[str, Array]]:
+    """Training mode for a complex input (Flax's convention; see ``bnjax._complex``).
+
+    The running mean becomes complex (as in Flax); the variance stays real. A feature without
+    valid values is normalized with the moving statistics and keeps them.
+    """
+    for name, used in (("renorm", renorm), ("virtual_batch_size", ghost is not None)):
+        if used:
+            raise ValueError(f"{name} is not supported for complex input (x has dtype "
+                             f"{x.dtype}); accepted for complex x: plain batch norm "
+                             f"({name}={'False' if name == 'renorm' else 'None'}).")
+    batch = complex_moments(x, axes, mask, axis_name, groups)
+    y = normalize_with(x, batch.mean, batch.var, scale, bias, axes, epsilon, out_dtype)
+    if mask is not None:
+        moving = normalize_with(x, stats["mean"], stats["var"], scale, bias, axes, epsilon,
+                                out_dtype)
+        y = jnp.where(to_input_shape(batch.count > 0, x.ndim, axes), y,
+                      lax.stop_gradient(moving))
+    return y, update_moving_stats(stats, batch, momentum, guard=guard)
 
 
 class _TrainConfig(NamedTuple):

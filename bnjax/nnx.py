@@ -256,7 +256,10 @@ class BatchNorm(nnx.Module):
             # As flax.nnx.BatchNorm: no gradient flows into statistics held in array refs.
             stop = any(getattr(getattr(self, n), "_can_update", False) for n in names)
             for name in names:
-                value = new[name].astype(getattr(self, name)[...].dtype)
+                value, dtype = new[name], getattr(self, name)[...].dtype
+                if jnp.iscomplexobj(value) and not jnp.issubdtype(dtype, jnp.complexfloating):
+                    value = jnp.real(value)  # as flax.nnx.BatchNorm's real array keeps it
+                value = value.astype(dtype)
                 getattr(self, name)[...] = jax.lax.stop_gradient(value) if stop else value
         return y
 

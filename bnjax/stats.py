@@ -460,7 +460,8 @@ def moments(
     that named axis (``pmap``, ``shard_map``, ``vmap``), computed with a single collective.
 
     Args:
-      x: input, any float dtype; ``(..., C)`` for the default ``axis=-1``.
+      x: input, any float dtype; ``(..., C)`` for the default ``axis=-1``. A complex input
+        gets Flax's complex mean and real variance ``E[|x - mean|^2]`` (exact, two passes).
       axis: feature axis or axes; all other axes are reduced.
       mask: optional boolean, shaped like ``x`` without its feature axes (or broadcastable
         to ``x``); False entries take no part in the statistics, whatever they hold.
@@ -481,6 +482,11 @@ def moments(
     check_input(x, axes, training=True)
     groups = freeze_groups(axis_index_groups, axis_name)
     m = None if mask is None else mask_to_input_rank(mask, x.shape, axes)
+
+    if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
+        from bnjax._complex import complex_moments  # imports this module
+
+        return complex_moments(x, axes, m, axis_name, groups)
 
     def stats(x: Array, m: Array | None) -> Moments:
         return combine_sums(gather_sums(local_sums(x, axes, m), axis_name, groups))

@@ -1,5 +1,7 @@
 """bnjax.batch_norm and its helpers against float64 NumPy references written here."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -381,15 +383,55 @@ def test_feature_size_mismatch_rejected():
 
 
 @pytest.mark.parametrize("shape,axis", [((1, 3), -1), ((2, 3), (0, 1)), ((1, 1, 1, 4), -1)])
-def test_single_value_per_channel_in_training_rejected(shape, axis):
-    fshape = tuple(shape[a] for a in _feature_axes(axis, len(shape)))
-    stats = {"mean": jnp.zeros(fshape), "var": jnp.ones(fshape)}
-    with pytest.raises(ValueError) as info:
-        bnjax.batch_norm(jnp.ones(shape), stats, training=True, axis=axis)
-    msg = str(info.value)
-    assert "single value per feature channel" in msg and "training=False" in msg
-    # inference mode is fine with one value per channel
-    bnjax.batch_norm(jnp.ones(shape), stats, training=False, axis=axis)
+def test_single_value_per_channel_in_training_warns_and_gives_the_bias(shape, axis):
+    # One value per feature: mean = x, variance 0, so x - mean = 0 and y = bias (Flax, Keras).
+    feat = _feature_axes(axis, len(shape))
+    fshape = tuple(shape[a] for a in feat)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=shape).astype(np.float32)
+    stats = {"mean": jnp.full(fshape, 0.5), "var": jnp.full(fshape, 2.0)}
+    params = {"scale": jnp.asarray(rng.normal(size=fshape), jnp.float32),
+              "bias": jnp.asarray(rng.normal(size=fshape), jnp.float32)}
+    with pytest.warns(bnjax.SingleValueWarning, match="single value per feature channel"):
+        y, new = bnjax.batch_norm(x, stats, params, training=True, axis=axis, momentum=0.9,
+                                  epsilon=1e-5)
+    y_ref, mean_ref, var_ref = ref_bn_train(x, feat, np.full(fshape, 0.5), np.full(fshape, 2.0),
+                                            params["scale"], params["bias"], 0.9, 1e-5)
+    np.testing.assert_allclose(y, y_ref, atol=1e-6)
+    np.testing.assert_allclose(y, np.broadcast_to(
+        np.asarray(params["bias"]).reshape([shape[i] if i in feat else 1
+                                            for i in range(len(shape))]), shape), atol=1e-6)
+    np.testing.assert_allclose(new["mean"], mean_ref, rtol=1e-6)
+    np.testing.assert_allclose(new["var"], var_ref, rtol=1e-6)
+    # inference mode is fine with one value per channel, and does not warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bnjax.batch_norm(x, stats, training=False, axis=axis)
+
+
+def test_single_value_matches_flax_and_the_warning_can_be_an_error():
+    import flax.linen as nn
+
+    x = jnp.asarray([[0.3, -1.2, 4.0]])
+    variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    flax_y, flax_up = nn.BatchNorm(use_running_average=False, momentum=0.9).apply(
+        variables, x, mutable=["batch_stats"])
+    with pytest.warns(bnjax.SingleValueWarning):
+        y, new = bnjax.batch_norm(x, {"mean": jnp.zeros(3), "var": jnp.ones(3)},
+                                  {"scale": jnp.ones(3), "bias": jnp.zeros(3)}, training=True,
+                                  momentum=0.9, epsilon=1e-5)
+    np.testing.assert_allclose(y, flax_y, atol=1e-6)
+    np.testing.assert_allclose(new["mean"], flax_up["batch_stats"]["mean"], rtol=1e-6)
+    np.testing.assert_allclose(new["var"], flax_up["batch_stats"]["var"], rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bnjax.SingleValueWarning)
+        with pytest.raises(bnjax.SingleValueWarning):
+            bnjax.batch_norm(x, {"mean": jnp.zeros(3), "var": jnp.ones(3)}, training=True)
+
+
+def test_single_value_ghost_batches_still_raise():
+    with pytest.raises(ValueError, match="virtual_batch_size=1 .* single value per feature"):
+        bnjax.batch_norm(jnp.ones((4, 3)), STATS3, training=True, virtual_batch_size=1)
 
 
 def test_training_must_be_a_python_bool():

@@ -384,10 +384,34 @@ def test_integer_input_rejected_by_module():
         bnjax.BatchNorm().init(jax.random.key(0), jnp.ones((4, 3), jnp.int32), training=False)
 
 
-def test_single_value_per_channel_rejected_in_training():
-    bn, variables = _init()
-    with pytest.raises(ValueError, match="single value per feature channel"):
-        bn.apply(variables, jnp.ones((1, 3)), training=True, mutable=["batch_stats"])
+def test_single_value_per_channel_in_training_warns_and_matches_flax():
+    bn, variables = _init(epsilon=1e-5)
+    x = jnp.asarray([[0.5, -2.0, 7.0]])
+    with pytest.warns(bnjax.SingleValueWarning, match="single value per feature channel"):
+        y, up = bn.apply(variables, x, training=True, mutable=["batch_stats"])
+    y_f, up_f = nn.BatchNorm(momentum=0.99, epsilon=1e-5).apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_f, atol=1e-6)
+    np.testing.assert_allclose(y, np.broadcast_to(variables["params"]["bias"], (1, 3)),
+                               atol=1e-6)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(up["batch_stats"][key], up_f["batch_stats"][key], rtol=1e-6)
+
+
+def test_bind_of_a_stateful_layer_on_a_rank_one_input_matches_flax():
+    # Flax's ModuleTest.test_bind_stateful: bind, then train on a (3,) input.
+    x = jnp.asarray([1.0, -2.0, 0.5])
+    kw = dict(use_running_average=False, epsilon=1e-5)
+    variables = nn.BatchNorm(**kw).init(jax.random.key(0), x)
+    out = {}
+    for name, layer in (("flax", nn.BatchNorm(**kw)), ("bnjax", bnjax.BatchNorm(**kw))):
+        bound = layer.bind(variables, mutable=["batch_stats"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bnjax.SingleValueWarning)
+            out[name] = bound(x), bound.variables["batch_stats"]
+    np.testing.assert_allclose(out["bnjax"][0], out["flax"][0], atol=1e-6)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(out["bnjax"][1][key], out["flax"][1][key], rtol=1e-6)
 
 
 def test_non_finite_batch_does_not_poison_module_statistics():
