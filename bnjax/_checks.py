@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +120,28 @@ def check_input(x: Any, axes: tuple[int, ...] | None = None, *, training: bool =
         )
 
 
+#: Frames in these folders are bnjax's, Flax's or JAX's own, never the user's layer call.
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (flax, jax)) + (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside bnjax, Flax and JAX, for ``warnings.warn``.
+
+    Counted from the function that calls ``warnings.warn``: a warning then names the line of
+    the user's code that calls (linen) or builds (NNX) the layer, not a line inside Flax's
+    wrappers.
+
+    Example:
+      >>> user_stacklevel() >= 2
+      True
+    """
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class SingleValueWarning(UserWarning):
     """Training-mode batch norm saw a single value per feature: its output is the bias.
 
@@ -148,7 +173,7 @@ def warn_single_value(shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
         "single value per feature channel: its batch variance is 0 and the output is the "
         "bias alone (as in Flax and Keras). Use training=False (moving statistics) or a "
         "larger batch; or, where this is meant (ensembles on batches of one), filter "
-        "bnjax.SingleValueWarning.", SingleValueWarning, stacklevel=3)
+        "bnjax.SingleValueWarning.", SingleValueWarning, stacklevel=user_stacklevel())
 
 
 def _concrete_float(name: str, value: Any, accepted: str) -> float | None:
@@ -412,6 +437,14 @@ def check_virtual_batch(vbs: Any, x_shape: tuple[int, ...], axes: tuple[int, ...
         raise ValueError(
             f"virtual_batch_size={vbs!r} splits the batch axis 0, but axis 0 is a feature axis "
             f"(feature axes {axes}, input shape {tuple(x_shape)}); the batch must be axis 0."
+        )
+    if jax.export.is_symbolic_dim(x_shape[0] % vbs):
+        example = ", ".join([f"{vbs}*k", *map(str, x_shape[1:])])
+        raise ValueError(
+            f"virtual_batch_size={vbs!r} cuts axis 0 into ghost batches, but the batch size "
+            f"{x_shape[0]} is symbolic (jax.export) and not known to be a multiple of {vbs}. "
+            f"Export with a batch size that is, e.g. jax.export.symbolic_shape({example!r}), "
+            "or without virtual_batch_size."
         )
     if x_shape[0] % vbs:
         raise ValueError(

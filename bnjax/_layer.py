@@ -6,13 +6,10 @@ into ``bnjax.functional.batch_norm``.
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 
@@ -56,24 +53,7 @@ def warn_if_default_epsilon(epsilon: float, used_as: str) -> None:
             "Flax's default is 1e-5, so a Flax model ported by replacing the class name "
             "computes other numbers. Pass epsilon=1e-5 to keep Flax's numbers, or "
             "epsilon=1e-3 to keep Keras's (either one silences this warning).",
-            FlaxEpsilonWarning, stacklevel=_user_stacklevel())
-
-
-#: Frames in these folders are bnjax's, Flax's or JAX's own, never the user's layer call.
-_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (flax, jax)) + (
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,)
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside bnjax, Flax and JAX.
-
-    Counted from ``warn_if_default_epsilon``: the warning then names the line of the user's
-    code that calls (linen) or builds (NNX) the layer, not a line inside Flax's wrappers.
-    """
-    frame, level = sys._getframe(2), 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
+            FlaxEpsilonWarning, stacklevel=C.user_stacklevel())
 
 
 def resolve_training(

@@ -66,9 +66,10 @@ class BatchNorm(nn.Module):
 
     A ``frozen=True`` layer follows the Keras ``trainable=False`` rule: it always runs in
     inference mode with the moving statistics and never updates them, whatever the mode
-    says, and its ``scale`` and ``bias`` get zero gradients, so a gradient optimizer leaves
-    them as they are. Decoupled weight decay (``optax.adamw``) does not look at gradients:
-    with it, mask the frozen layer's params out (``optax.adamw(..., mask=...)``).
+    says, and its ``scale`` and ``bias`` get zero gradients. Zero gradients alone do not
+    keep them still under momentum, Adam or decoupled weight decay: ``bnjax.make_train_step``
+    holds them bit-identical, and ``bnjax.keep_frozen(tx, bnjax.trainable_mask(model, ...))``
+    does so in a loop of your own.
 
     Attributes:
       use_running_average: Flax-style mode (True: moving statistics), overridable at call.
@@ -206,11 +207,12 @@ class BatchNorm(nn.Module):
             return y
         if not self.is_mutable_collection("batch_stats"):
             raise ValueError(
-                "BatchNorm is in training mode, which updates the moving statistics, but "
-                "the 'batch_stats' collection is not mutable. Pass mutable=['batch_stats'] "
-                "to apply(), e.g. model.apply(variables, x, use_running_average=False, "
-                "mutable=['batch_stats']), or use the moving statistics "
-                "(use_running_average=True)."
+                f'BatchNorm at "/{"/".join(self.scope.path)}" is in training mode, which '
+                "updates the moving statistics, but the 'batch_stats' collection is not "
+                "mutable. Pass mutable=['batch_stats'] to apply() with the model's own "
+                "training argument, e.g. model.apply(variables, x, <training argument>, "
+                "mutable=['batch_stats']) (for this layer alone: use_running_average=False), "
+                "or run it with the moving statistics."
             )
         y, new = layer_batch_norm(self, x, current, params, training=True, mask=mask,
                                   clipping=self._clipping(step))

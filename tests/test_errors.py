@@ -282,3 +282,31 @@ def test_inference_tools_refuse_nnx_models_by_name():
     for tool in tools.values():  # precise_batch_stats reports it as the model failing to run
         with pytest.raises((TypeError, ValueError), match=r"'ToLinen_0'.*bridged to linen"):
             tool(bridged, variables)
+
+
+def test_training_with_immutable_batch_stats_names_the_layer_path_as_flax_does():
+    class Block(nn.Module):
+        norm: type
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return self.norm(epsilon=1e-5, name="bn")(x, use_running_average=not train)
+
+    class Net(nn.Module):
+        norm: type
+
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return Block(self.norm, name="block")(x, train)
+
+    x = jnp.ones((4, 3))
+    messages = {}
+    for norm in (nn.BatchNorm, bnjax.BatchNorm):
+        variables = Net(norm).init(jax.random.key(0), x, train=False)
+        with pytest.raises(Exception) as info:
+            Net(norm).apply(variables, x, train=True)  # batch_stats left immutable
+        messages[norm] = str(info.value)
+    assert '"/block/bn"' in messages[nn.BatchNorm]  # Flax names the layer so
+    assert '"/block/bn"' in messages[bnjax.BatchNorm]
+    assert "mutable=['batch_stats']" in messages[bnjax.BatchNorm]
+    assert "<training argument>" in messages[bnjax.BatchNorm]  # not a keyword of a bare layer

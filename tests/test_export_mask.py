@@ -147,8 +147,6 @@ def test_ghost_batches_export_with_a_batch_known_to_be_a_multiple():
             np.testing.assert_allclose(a, d, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the check_virtual_batch edit in bnjax/_checks.py "
-                                       "described in the issue-28 report (not this branch's file)")
 def test_ghost_batches_with_a_symbolic_batch_say_that_it_is_symbolic():
     def f(x):
         return bnjax.batch_norm(x, STATS, training=True, virtual_batch_size=2)
