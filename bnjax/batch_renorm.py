@@ -25,6 +25,7 @@ published layer's gradient is NaN there, even during warm-up.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -73,10 +74,11 @@ def init_crossq_stats(feature_shape: Sequence[int] | int, r_max: int = 3,
 
 
 def _check_warmup(warmup_steps: Any) -> None:
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int | jax.Array):
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps,
+                                                         numbers.Integral | jax.Array):
         raise TypeError(f"warmup_steps is {warmup_steps!r} ({type(warmup_steps).__name__}); it "
                         "must be an int >= 0 (the number of training calls of plain batch norm)")
-    if isinstance(warmup_steps, int) and warmup_steps < 0:
+    if isinstance(warmup_steps, numbers.Integral) and warmup_steps < 0:
         raise ValueError(f"warmup_steps is {warmup_steps}; it must be an int >= 0 (the number "
                          "of training calls of plain batch norm)")
 

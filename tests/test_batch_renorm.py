@@ -464,6 +464,14 @@ def test_bad_warmup_steps_is_named(value, error, match):
                             warmup_steps=value)
 
 
+def test_warmup_steps_may_be_a_numpy_int_or_traced():
+    x = _xs(1, (16, 2))[0]
+    want, _ = crossq_batch_renorm(x, init_crossq_stats(2), training=True, warmup_steps=0)
+    for w in (np.int64(0), jnp.asarray(0)):
+        close(crossq_batch_renorm(x, init_crossq_stats(2), training=True, warmup_steps=w)[0],
+              want, 0, 0)
+
+
 def test_missing_statistics_are_named():
     stats = {"mean": jnp.zeros(2), "var": jnp.ones(2)}
     with pytest.raises(ValueError, match="needs 'r_max'"):
