@@ -13,6 +13,7 @@ from bnjax import convert as convert
 from bnjax import keras as keras
 from bnjax._checks import SingleValueWarning
 from bnjax._layer import FlaxEpsilonWarning, resolve_training
+from bnjax.batch_renorm import BatchRenorm, crossq_batch_renorm, init_crossq_stats
 from bnjax.functional import (
     Moments,
     batch_norm,
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "FlaxEpsilonWarning",
     "SingleValueWarning",
     "FoldedModel",
@@ -70,9 +72,11 @@ __all__ = [
     "__version__",
     "batch_norm",
     "canonicalize_axes",
+    "crossq_batch_renorm",
     "export_folded_model",
     "fetch_replicated",
     "fold_batch_norm",
+    "init_crossq_stats",
     "init_renorm_stats",
     "initialize_distributed",
     "keep_frozen",
