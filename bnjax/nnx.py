@@ -50,7 +50,7 @@ from bnjax.variants import init_renorm_stats
 Array = jax.Array
 Initializer = Callable[..., Array]
 
-__all__ = ["BatchNorm", "apply_constraints", "regularization_loss"]
+__all__ = ["BatchNorm", "BatchRenorm", "apply_constraints", "regularization_loss"]
 
 
 class BatchNorm(nnx.Module):
@@ -348,3 +348,6 @@ def apply_constraints(model: nnx.Module) -> None:
             fn = K.get_constraint(getattr(bn, f"{name}_constraint"), name=f"{name}_constraint")
             if fn is not None and var is not None:
                 var[...] = fn(var[...]).astype(var.dtype)
+
+
+from bnjax.nnx_batch_renorm import BatchRenorm  # noqa: E402  (CrossQ's layer, NNX twin)
