@@ -73,3 +73,10 @@ def test_links_lead_to_existing_pages_and_headings():
         if anchor:
             headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
             assert anchor in {_slug(h) for h in headings}, f"{path} has no heading #{anchor}"
+
+
+def test_ci_runs_the_readme_test_command_then_the_slow_set():
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#")]
+    assert 'python -m pip install -q -e ".[test]"' in ci  # a clean machine has nothing
+    assert ci.index("python -m pytest") < ci.index("python -m pytest -m slow"), ci
