@@ -257,10 +257,12 @@ def metric_sums(metrics_fn: MetricsFn, outputs: Any, batch: Batch, valid: Array,
     """
     result = metrics_fn(outputs, batch)
     if not isinstance(result, Mapping) or not all(isinstance(k, str) for k in result):
+        got = (f"a mapping with the keys {list(result)!r}" if isinstance(result, Mapping) else
+               f"an array of shape {tuple(result.shape)}" if hasattr(result, "shape") else
+               f"a {type(result).__name__}")
         raise TypeError(
-            f"metrics_fn(outputs, batch) returned {type(result).__name__} "
-            f"{result!r:.80}; it must return a dict of per-example metrics, "
-            "{name: array of shape (B,)} with string names.")
+            f"metrics_fn(outputs, batch) returned {got}; it must return a dict of "
+            "per-example metrics, {name: array of shape (B,)} with string names.")
     clash = [k for k in result if k in reserved]
     if clash:
         raise ValueError(
