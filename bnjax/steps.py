@@ -1,14 +1,14 @@
 """Training state and jit-compiled train / eval steps: one device, a device mesh, or pmap.
 
-Three ways to run a step, with the same loss, metrics, skip logic and penalties:
+The loss and the metrics are arguments (per-example functions of the model's outputs and the
+batch); the steps own what batch norm needs: the mean over the valid examples across devices,
+the mask handed to the batch norms, the padding zeroed, the non-finite skip. Three ways to run
+a step, with the same loss, metrics, skip logic and penalties:
 
 - one device (the default): ``jax.jit`` of the step on the batch as given.
-- a device mesh (``mesh=``): the state replicated on every device of a ``jax.sharding.Mesh``
-  (:func:`bnjax.parallel.put_replicated`), the batch split over its data axis
-  (:func:`bnjax.parallel.put_batch`). Batch norm is synchronized either by plain ``jax.jit``
-  (layers with ``axis_name=None``; XLA inserts the cross-device reductions) or under
-  ``jax.shard_map`` (``shard_map=True``; layers with ``axis_name`` set to the data axis, one
-  bnjax collective per layer). :mod:`bnjax.spmd` says which to use when.
+- a device mesh (``mesh=``): the state replicated on every device of a ``jax.sharding.Mesh``,
+  the batch split over its data axis, batch norm synchronized by plain ``jax.jit`` or under
+  ``jax.shard_map`` (``shard_map=True``); :mod:`bnjax.spmd` says which to use when.
 - ``jax.pmap`` (``data_parallel=True``) over the local devices with the axis name ``"batch"``:
   every device holds a replica of the state and a shard of the batch (placed with
   :mod:`bnjax.parallel`), gradients are averaged with ``pmean`` and batch-norm layers built
@@ -32,9 +32,10 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from bnjax import spmd
-from bnjax._batch_mask import check_masked, example_mask, masked_batch_norms, zero_padding
+from bnjax import _losses, spmd
+from bnjax._batch_mask import check_masked, masked_batch_norms
 from bnjax._frozen import frozen_layers, hold_frozen, trainable_tree
+from bnjax._losses import LossFn, MetricsFn, all_finite, global_sum, step_inputs, valid_sums
 from bnjax.validation import validate_data_parallel, validate_mesh_data_parallel
 
 __all__ = [
@@ -197,33 +198,6 @@ def keep_frozen(tx: optax.GradientTransformation,
 # Steps.
 
 
-def _global_sum(v: jax.Array, axis_name: str | None) -> jax.Array:
-    return v if axis_name is None else jax.lax.psum(v, axis_name)
-
-
-def _tree_all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _check_labels(y: Any) -> None:
-    if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
-        raise TypeError(
-            f"batch['y'] has dtype {jnp.result_type(y)}; it must hold integer class labels."
-        )
-
-
-def _inputs(batch: Batch) -> tuple[Any, jax.Array, jax.Array | None, jax.Array]:
-    """``(x, y, mask or None, valid)``; padding (masked-out examples) replaced by zeros."""
-    x, y = batch["x"], batch["y"]
-    _check_labels(y)
-    mask = example_mask(batch, y.shape[0])
-    if mask is None:
-        return x, y, None, jnp.ones((y.shape[0],), bool)
-    return zero_padding(x, mask), jnp.where(mask, y, 0), mask, mask
-
-
 def _apply(state: TrainState, params: Any, x: Any, mask: jax.Array | None,
            **kwargs: Any) -> Any:
     """The model on ``x``, ``mask`` passed to its batch norms (refused where it cannot be)."""
@@ -239,40 +213,39 @@ def _train_step_body(
     state: TrainState,
     batch: Batch,
     axis_name: str | tuple[str, ...] | None,
-    constrain_fn: Callable[[Any], Any] | None,
+    fns: tuple[LossFn, MetricsFn, Callable[[Any], Any] | None],
     manual: bool = False,
 ) -> tuple[TrainState, Metrics]:
-    x, y, mask, valid = _inputs(batch)
-    count = _global_sum(jnp.sum(valid, dtype=jnp.float32), axis_name)
+    loss_fn, metrics_fn, constrain_fn = fns
+    x, batch, mask, valid = step_inputs(batch)
+    count = global_sum(jnp.sum(valid, dtype=jnp.float32), axis_name)
     safe_count = jnp.maximum(count, 1.0)
     num_replicas = 1 if axis_name is None else jax.lax.psum(1, axis_name)
     frozen: list[tuple[str, ...]] = []  # frozen bnjax.BatchNorm layers, found as they trace
 
-    def loss_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array, jax.Array]]:
+    def objective_fn(params: Any) -> tuple[jax.Array, tuple[Any, jax.Array, jax.Array, Any]]:
         with frozen_layers() as found:
-            logits, updates = _apply(state, params, x, mask, training=True,
-                                     mutable=["batch_stats", "losses"])
+            outputs, updates = _apply(state, params, x, mask, training=True,
+                                      mutable=["batch_stats", "losses"])
         frozen.extend(found)
-        logits = logits.astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        ce_local = jnp.sum(jnp.where(valid, ce, 0.0))
+        loss_local, sums = valid_sums(loss_fn, metrics_fn, outputs, batch, valid,
+                                      ("loss", "skipped"))
         penalties = jax.tree.leaves(updates.get("losses", {}))
         penalty = sum((jnp.sum(p) for p in penalties), jnp.zeros((), jnp.float32))
         # The objective whose device average is the global loss: pmean of the gradients
-        # then gives the gradient of (mean CE over the global batch) + penalty.
-        objective = ce_local * num_replicas / safe_count + penalty
-        correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False))
-        return objective, (updates.get("batch_stats", {}), ce_local, penalty, correct)
+        # then gives the gradient of (mean loss over the global batch) + penalty.
+        objective = loss_local * num_replicas / safe_count + penalty
+        return objective, (updates.get("batch_stats", {}), loss_local, penalty, sums)
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (new_stats, ce_local, penalty, correct)), grads = grad_fn(state.params)
+    grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
+    (_, (new_stats, loss_local, penalty, sums)), grads = grad_fn(state.params)
     if manual:  # jax.shard_map: the state must come out the same on every device
         grads = spmd.mean_of_summed(grads, axis_name, num_replicas)
         new_stats, penalty = spmd.replicate_varying((new_stats, penalty), axis_name)
     elif axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
-    loss = _global_sum(ce_local, axis_name) / safe_count + penalty
-    accuracy = _global_sum(correct.astype(jnp.float32), axis_name) / safe_count
+    loss = global_sum(loss_local, axis_name) / safe_count + penalty
+    means = {k: global_sum(v, axis_name) / safe_count for k, v in sums.items()}
 
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
     if frozen:
@@ -286,7 +259,7 @@ def _train_step_body(
         new_params = jax.tree.map(lambda t, n, o: n if t else o, trainable, new_params,
                                   state.params)
 
-    ok = jnp.isfinite(loss) & _tree_all_finite(grads)
+    ok = jnp.isfinite(loss) & all_finite(grads)
 
     def pick(new: Any, old: Any) -> Any:
         return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -297,21 +270,18 @@ def _train_step_body(
         opt_state=pick(new_opt_state, state.opt_state),
         batch_stats=pick(new_stats, state.batch_stats),
     )
-    metrics = {"loss": loss, "accuracy": accuracy,
-               "skipped": jnp.where(ok, 0.0, 1.0).astype(jnp.float32)}
+    metrics = {"loss": loss, **means, "skipped": jnp.where(ok, 0.0, 1.0).astype(jnp.float32)}
     return new_state, metrics
 
 
-def _eval_step_body(state: TrainState, batch: Batch,
-                    axis_name: str | tuple[str, ...] | None) -> Metrics:
-    x, y, mask, valid = _inputs(batch)
-    logits = _apply(state, state.params, x, mask, training=False).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    loss_sum = jnp.sum(jnp.where(valid, ce, 0.0))
-    correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == y, False), dtype=jnp.float32)
-    count = jnp.sum(valid, dtype=jnp.float32)
-    return {k: _global_sum(v, axis_name) for k, v in
-            (("loss_sum", loss_sum), ("correct", correct), ("count", count))}
+def _eval_step_body(state: TrainState, batch: Batch, axis_name: str | tuple[str, ...] | None,
+                    loss_fn: LossFn, metrics_fn: MetricsFn) -> Metrics:
+    x, batch, mask, valid = step_inputs(batch)
+    outputs = _apply(state, state.params, x, mask, training=False)
+    loss_sum, sums = valid_sums(loss_fn, metrics_fn, outputs, batch, valid,
+                                ("loss_sum", "count"))
+    sums = {"loss_sum": loss_sum, **sums, "count": jnp.sum(valid, dtype=jnp.float32)}
+    return {k: global_sum(v, axis_name) for k, v in sums.items()}
 
 
 def _check_axis_name(axis_name: Any) -> None:
@@ -373,6 +343,8 @@ def _build(body: spmd.Body, *, data_parallel: bool, mesh: Mesh | None,
 
 def make_train_step(
     *,
+    loss_fn: LossFn | None = None,
+    metrics_fn: MetricsFn | None = None,
     data_parallel: bool = False,
     mesh: Mesh | None = None,
     shard_map: bool = False,
@@ -381,13 +353,14 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Builds a compiled train step ``(state, batch) -> (state, metrics)``.
 
-    The model is called as ``apply_fn({"params", "batch_stats"}, x, training=True,
-    mutable=["batch_stats", "losses"])``. The loss is the mean softmax cross-entropy over the
-    valid examples of the global batch (``batch["mask"]``, optional: one flag per example,
-    boolean or integer, nonzero = valid; a float mask is refused, the step does not weight
-    examples) plus the sum of every leaf of the ``"losses"`` collection (penalties a module
-    sows). When the loss or any gradient is not finite, params, optimizer state and
-    batch_stats are left unchanged and ``metrics["skipped"]`` is 1 (``step`` still counts it).
+    The model is called as ``outputs, _ = apply_fn({"params", "batch_stats"}, batch["x"],
+    training=True, mutable=["batch_stats", "losses"])``. The loss is the mean of
+    ``loss_fn(outputs, batch)`` over the valid examples of the global batch (``batch["mask"]``,
+    optional: one flag per example, boolean or integer, nonzero = valid; a float mask is
+    refused, the step does not weight examples) plus the sum of every leaf of the ``"losses"``
+    collection (penalties a module sows). When the loss or any gradient is not finite, params,
+    optimizer state and batch_stats are left unchanged and ``metrics["skipped"]`` is 1
+    (``step`` still counts it).
 
     A ``bnjax.BatchNorm(frozen=True)`` layer's ``scale`` and ``bias`` stay bit-identical
     under any optax optimizer (momentum, Adam, weight decay), and so do their entries of the
@@ -403,6 +376,16 @@ def make_train_step(
     does not have the examples on axis 0) is refused with a ``ValueError`` naming the module.
 
     Args:
+      loss_fn: ``(outputs, batch) -> (B,)``, one float loss per example of the batch it gets
+        (a device's shard under pmap and ``shard_map``); the step averages over the valid
+        examples across devices itself, so a scalar (a mean) is refused (``ValueError``). The
+        batch has its padding zeroed (``"x"``, every entry with a row per example) and the
+        padding's losses are dropped with ``jnp.where``: NaN padding reaches no gradient.
+        Default: softmax cross-entropy of the logits (float32) on integer ``batch["y"]``.
+      metrics_fn: ``(outputs, batch) -> {name: (B,)}``, per-example metrics (bool, int or
+        float), each reported as its mean over the valid examples of the global batch (not
+        named ``"loss"`` or ``"skipped"``). Default: ``{"accuracy": argmax(outputs, -1) ==
+        batch["y"]}`` with the default loss, none with a ``loss_fn`` of yours.
       data_parallel: run under ``jax.pmap`` over the devices with ``axis_name``; the state
         is replicated (:func:`bnjax.parallel.replicate`) and batch arrays are
         ``(num_local_devices, per_device_batch, ...)`` (:func:`bnjax.parallel.shard_batch`).
@@ -425,8 +408,9 @@ def make_train_step(
         (Keras-style constraints).
 
     Returns:
-      The step function; metrics are ``{"loss", "accuracy", "skipped"}`` over the global batch
-      (replicated on a mesh, one copy per device under pmap).
+      The step function; metrics are ``{"loss", <metrics_fn's names>, "skipped"}`` over the
+      global batch, by default ``{"loss", "accuracy", "skipped"}`` (replicated on a mesh, one
+      copy per device under pmap).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -448,17 +432,27 @@ def make_train_step(
       >>> state, m = make_train_step(mesh=mesh)(put_replicated(state, mesh), batch)
       >>> int(state.step), m["loss"].is_fully_replicated
       (2, True)
+
+      A per-example regression loss and a metric of yours:
+
+      >>> step = make_train_step(loss_fn=lambda out, b: jnp.mean((out - b["y"]) ** 2, -1),
+      ...                        metrics_fn=lambda out, b: {"mae": jnp.abs(out - b["y"])[:, 0]})
+      >>> sorted(step(state, {"x": jnp.ones((2, 4)), "y": jnp.zeros((2, 3))})[1])
+      ['loss', 'mae', 'skipped']
     """
     if constrain_fn is not None and not callable(constrain_fn):
         raise TypeError(f"constrain_fn={constrain_fn!r} must be callable (params -> params).")
+    fns = (*_losses.resolve(loss_fn, metrics_fn, _losses.accuracy), constrain_fn)
     manual = shard_map and mesh is not None
-    return _build(lambda s, b, name: _train_step_body(s, b, name, constrain_fn, manual),
+    return _build(lambda s, b, name: _train_step_body(s, b, name, fns, manual),
                   data_parallel=data_parallel, mesh=mesh, axis_name=axis_name,
                   shard_map=shard_map)
 
 
 def make_eval_step(
     *,
+    loss_fn: LossFn | None = None,
+    metrics_fn: MetricsFn | None = None,
     data_parallel: bool = False,
     mesh: Mesh | None = None,
     shard_map: bool = False,
@@ -470,8 +464,14 @@ def make_eval_step(
     The sums run over the valid examples (``batch["mask"]``) of the global batch, whose mask
     the model's batch norms get as in :func:`make_train_step` (padding zeroed); with
     ``data_parallel`` every device returns the same global sums, on a mesh they are replicated.
+    Sums, not means, so that a dataset's mean is its batches' sums over their ``count``.
 
     Args:
+      loss_fn: ``(outputs, batch) -> (B,)`` per-example losses as in :func:`make_train_step`
+        (same default); ``"loss_sum"`` is their sum.
+      metrics_fn: ``(outputs, batch) -> {name: (B,)}``, each metric's sum over the valid
+        examples under its name (not ``"loss_sum"`` or ``"count"``). Default: ``{"correct":
+        argmax(outputs, -1) == batch["y"]}`` with the default loss, none with a ``loss_fn``.
       data_parallel: run under ``jax.pmap`` over the devices with ``axis_name``.
       mesh: run on this mesh, the batch split over its data axis (as in
         :func:`make_train_step`).
@@ -492,6 +492,11 @@ def make_eval_step(
       ...                              "mask": jnp.array([True, False])})
       >>> float(m["count"])
       1.0
+      >>> sorted(make_eval_step(loss_fn=lambda out, b: jnp.sum(out ** 2, -1), metrics_fn=lambda
+      ...     out, b: {"big": out[:, 0] > 1})(state, {"x": jnp.ones((2, 4)), "y": jnp.zeros(2)}))
+      ['big', 'count', 'loss_sum']
     """
-    return _build(_eval_step_body, data_parallel=data_parallel, mesh=mesh,
-                  axis_name=axis_name, shard_map=shard_map)
+    loss_fn, metrics_fn = _losses.resolve(loss_fn, metrics_fn, _losses.correct)
+    return _build(lambda s, b, name: _eval_step_body(s, b, name, loss_fn, metrics_fn),
+                  data_parallel=data_parallel, mesh=mesh, axis_name=axis_name,
+                  shard_map=shard_map)
