@@ -269,7 +269,8 @@ TABLES: dict[str, dict[str, Callable[[Data], str]]] = {
     "train": {"summary": _train_summary},
     "port": {"drift": _port_drift},
     "gpu_check": {"checks": _gpu_checks, "op": _op, "memory": _memory, "model": _model},
-    "compare": {"model": _model, "run": _run_time},  # bnjax-bench (bnjax.timing)
+    "compare": {"model": lambda d: model_table(d["model"], spread=True),  # bnjax-bench
+                "run": _run_time},
 }
 
 
