@@ -37,8 +37,9 @@ from jax import lax
 
 from bnjax import _checks as C
 from bnjax._checks import Axis, canonicalize_axes
-from bnjax.functional import normalize, update_moving_stats
-from bnjax.stats import Moments, moments, stat_dtype, to_input_shape
+from bnjax._train import normalize_with
+from bnjax.functional import masked_normalize, update_moving_stats
+from bnjax.stats import Moments, moments, stat_dtype
 
 Array = jax.Array
 
@@ -117,13 +118,11 @@ def _corrected(batch: Moments, stats: Mapping[str, Any], epsilon: float, warm: A
 
 def _output(x: Array, mask: Array | None, mean: Array, var: Array, scale: Array | None,
             bias: Array | None, axes: tuple[int, ...], epsilon: float, dtype: Any) -> Array:
-    """``normalize``; masked-out positions get the same output but carry no gradient."""
+    """``normalize`` (arguments already checked); masked-out positions carry no gradient."""
+    out_dtype = x.dtype if dtype is None else dtype
     if mask is None:
-        return normalize(x, mean, var, scale, bias, axis=axes, epsilon=epsilon, dtype=dtype)
-    safe = jnp.where(mask, x, to_input_shape(mean.astype(x.dtype), x.ndim, axes))
-    live = normalize(safe, mean, var, scale, bias, axis=axes, epsilon=epsilon, dtype=dtype)
-    dead = normalize(x, mean, var, scale, bias, axis=axes, epsilon=epsilon, dtype=dtype)
-    return jnp.where(mask, live, lax.stop_gradient(dead))
+        return normalize_with(x, mean, var, scale, bias, axes, epsilon, out_dtype)
+    return masked_normalize(x, mask, mean, var, scale, bias, axes, epsilon, out_dtype)
 
 
 def crossq_batch_renorm(

@@ -156,10 +156,13 @@ def _check_arrays(x: Array, stats: Mapping[str, Array], params: Mapping[str, Arr
     return scale, bias
 
 
-def _masked_inference(x: Array, mask: Array, mean: Array, var: Array, scale: Array | None,
+def masked_normalize(x: Array, mask: Array, mean: Array, var: Array, scale: Array | None,
                       bias: Array | None, axes: tuple[int, ...], epsilon: float,
                       out_dtype: Any) -> Array:
     """Normalizes with given statistics; masked-out positions carry no gradient.
+
+    Shared by the layers' inference path and CrossQ's batch renormalization
+    (``bnjax.batch_renorm``); its arguments are checked by the caller.
 
     The gradient path sees a safe value (the mean) at masked-out positions, so that nothing
     there is multiplied by a zero cotangent (NaN * 0 is NaN); their output is the plain
@@ -284,7 +287,7 @@ def batch_norm(
             y = normalize_with(x, stats["mean"], stats["var"], scale, bias, axes, epsilon,
                                out_dtype)
         else:
-            y = _masked_inference(x, m, stats["mean"], stats["var"], scale, bias, axes,
+            y = masked_normalize(x, m, stats["mean"], stats["var"], scale, bias, axes,
                                   epsilon, out_dtype)
         return y, stats
 
