@@ -10,6 +10,10 @@
   time in ms).
 - `mkdocs build --strict` builds the site into a temporary folder (skipped where mkdocs, its
   material theme or mkdocstrings is not installed: `pip install -e ".[docs]"`).
+- The API reference is the public face and no more: at most 10 pages; each name of the
+  `__all__` of `bnjax`, `bnjax.nnx`, `bnjax.keras`, `bnjax.convert` and `bnjax.timing` on
+  exactly one page; nothing else (no plumbing module such as `bnjax.stats`), and a module
+  shown lists its members explicitly.
 """
 
 import importlib.util
@@ -119,7 +123,19 @@ def test_mkdocs_build_strict(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "site" / "index.html").exists()
-    assert (tmp_path / "site" / "api" / "functional" / "index.html").exists()
+    assert (tmp_path / "site" / "api" / "layers" / "index.html").exists()
+    # What was rendered is the public face: each of its names has its anchor on exactly one
+    # reference page, and no other object of bnjax is rendered there (members of a class of
+    # the face, such as TrainState.create, are the class's own).
+    face, pages = public_face(), {}
+    for html in (tmp_path / "site" / "api").rglob("index.html"):
+        for anchor in set(re.findall(r'id="(bnjax(?:\.\w+)*)"', html.read_text())):
+            pages.setdefault(anchor, []).append(html.parent.name)
+    bad = {n: pages.get(n, []) for n in sorted(face) if len(pages.get(n, [])) != 1}
+    assert not bad, f"names of the public face not rendered on exactly one page: {bad}"
+    stray = [a for a in pages if a not in face | set(PUBLIC_MODULES)
+             and a.rsplit(".", 1)[0] not in face]
+    assert not stray, f"the reference renders {stray}, which are not in the public face"
 
 
 def test_docstrings_are_rewritten_for_the_site():
@@ -133,3 +149,73 @@ def test_docstrings_are_rewritten_for_the_site():
     assert ext.rewrite(doc) == (
         "Uses `bnjax.moments`.\n\nTable:\n\n  ```text\n  ====  ===\n  a     b\n  ====  ===\n"
         "  x     y\n  ====  ===\n  ```\n\nExamples:\n  >>> x[\"a\"]\n")
+
+
+# The public face: the modules whose ``__all__`` the API reference shows, and nothing else.
+PUBLIC_MODULES = ("bnjax", "bnjax.nnx", "bnjax.keras", "bnjax.convert", "bnjax.timing")
+MAX_API_PAGES = 10
+# A ``::: identifier`` line and the indented YAML options under it.
+DIRECTIVE = re.compile(r"^:::[ \t]*(?P<id>\S+)[ \t]*(?:\n|$)"
+                       r"(?P<options>(?:[ \t]+\S.*(?:\n|$))*)", re.M)
+
+
+def public_face() -> set[str]:
+    """The full names of every public module's ``__all__`` (``bnjax.batch_norm``, ...)."""
+    face = set()
+    for name in PUBLIC_MODULES:
+        face |= {f"{name}.{n}" for n in importlib.import_module(name).__all__}
+    return face
+
+
+def documented(page: Path) -> list[str]:
+    """The full names a page's mkdocstrings directives render (``::: id`` and ``members:``).
+
+    ``::: bnjax.batch_norm`` renders that name; ``::: bnjax.keras`` with ``options: members:
+    [L1, ...]`` renders the names listed; a public module with ``members: false`` renders only
+    its docstring. A module of the face without an explicit list, or any other module, is
+    returned as it is (and is then no name of the face).
+    """
+    import yaml
+
+    names = []
+    for m in DIRECTIVE.finditer(page.read_text()):
+        options = (yaml.safe_load(m["options"]) or {}).get("options") or {}
+        members = options.get("members")
+        if m["id"] in PUBLIC_MODULES and members is False:
+            continue
+        if m["id"] in PUBLIC_MODULES and isinstance(members, list):
+            names += [f"{m['id']}.{n}" for n in members]
+        else:
+            names.append(m["id"])
+    return names
+
+
+def test_directives_are_read_with_their_members(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# t\n\n::: bnjax\n    options:\n      members: false\n\n"
+                    "::: bnjax.batch_norm\n\ntext ::: not one\n\n::: bnjax.keras\n"
+                    "    options:\n      show_root_heading: false\n      members: [L1,\n"
+                    "                L2]\n::: bnjax.stats\n::: bnjax.convert")
+    assert documented(page) == ["bnjax.batch_norm", "bnjax.keras.L1", "bnjax.keras.L2",
+                                "bnjax.stats", "bnjax.convert"]
+
+
+def test_api_reference_is_the_public_face():
+    api_pages = sorted((REPO / "docs" / "api").glob("*.md"))
+    rendering = sorted({p for p in PAGES if DIRECTIVE.search(p.read_text())} | set(api_pages))
+    assert len(rendering) <= MAX_API_PAGES, (
+        f"{len(rendering)} API reference pages ({[_rel(p) for p in rendering]}); at most "
+        f"{MAX_API_PAGES}: group the names by what a user needs")
+    face, where = public_face(), {}
+    for page in rendering:
+        for name in documented(page):
+            where.setdefault(name, []).append(_rel(page))
+    missing = sorted(face - set(where))
+    assert not missing, f"names of the public face on no reference page: {missing}"
+    twice = {n: p for n, p in where.items() if len(p) > 1}
+    assert not twice, f"names on more than one reference page: {twice}"
+    extra = {n: p for n, p in where.items() if n not in face}
+    assert not extra, (
+        f"the reference documents {extra}, which are not in the public face: the names of "
+        f"the __all__ of {', '.join(PUBLIC_MODULES)} (a public module lists its members: "
+        "options: members: [...], or members: false for its docstring alone)")
