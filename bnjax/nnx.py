@@ -45,6 +45,7 @@ from bnjax._layer import (
     stats_dtype,
     warn_if_default_epsilon,
 )
+from bnjax.nnx_batch_renorm import BatchRenorm
 from bnjax.variants import init_renorm_stats
 
 Array = jax.Array
@@ -348,6 +349,3 @@ def apply_constraints(model: nnx.Module) -> None:
             fn = K.get_constraint(getattr(bn, f"{name}_constraint"), name=f"{name}_constraint")
             if fn is not None and var is not None:
                 var[...] = fn(var[...]).astype(var.dtype)
-
-
-from bnjax.nnx_batch_renorm import BatchRenorm  # noqa: E402  (CrossQ's layer, NNX twin)
